@@ -1,0 +1,5 @@
+import sys
+
+from fasterkd.cli import main
+
+sys.exit(main())
