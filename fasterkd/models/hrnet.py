@@ -618,7 +618,7 @@ def _official_to_fasterkd(state: Mapping[str, Any], model: HRNet, source: str) -
         if key.endswith(".num_batches_tracked") and key not in out:
             stem = key[: -len("num_batches_tracked")]
             if stem + "running_mean" in out:
-                out[key] = torch.zeros_like(value, device="cpu")
+                out[key] = torch.zeros_like(value, device=out[stem + "running_mean"].device)
     return out
 
 
