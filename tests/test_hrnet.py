@@ -18,6 +18,7 @@ from fasterkd.models.hrnet import (
     HRNET_PRESETS,
     HRNet,
     build_hrnet,
+    detect_hrnet_preset,
     hrnet_config,
     load_hrnet_checkpoint,
 )
@@ -401,3 +402,16 @@ def test_file_errors(tmp_path) -> None:
         load_hrnet_checkpoint(model, garbage)
     with pytest.raises(ValueError, match="'model.conv1.weight'.*expected a tensor"):
         load_hrnet_checkpoint(model, {"model.conv1.weight": [1.0, 2.0]})
+
+
+def test_detect_preset_and_hint_in_errors() -> None:
+    for name in OFFICIAL_COUNTS:
+        official = {"model." + k: v for k, v in meta_model(name).state_dict().items()
+                    if not k.endswith("num_batches_tracked")}
+        official["loss.criterion.weight"] = torch.empty(19, device="meta")
+        assert detect_hrnet_preset(official) == name
+    assert detect_hrnet_preset(meta_model("hrnet-w18", num_classes=5).state_dict()) == "hrnet-w18"
+    assert detect_hrnet_preset({"conv1.weight": torch.zeros(64, 3, 3, 3)}) is None
+    # a Small-v1 file given to a Small-v2 model: the error names the right preset
+    with pytest.raises(ValueError, match=r"missing keys .*unexpected keys .*matches 'hrnet-w18-small-v1'"):
+        load_hrnet_checkpoint(meta_model("hrnet-w18-small-v2"), official_file_dict(small_model(70)))

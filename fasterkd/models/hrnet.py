@@ -20,6 +20,7 @@ multiples of 32 need no padding.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -586,16 +587,20 @@ def _unwrap(obj: Any, source: str) -> Mapping[str, Any]:
     return obj
 
 
-def _official_to_fasterkd(state: Mapping[str, Any], model: HRNet, source: str) -> dict[str, Tensor]:
-    """Map the names of an official file onto ``model``'s (reference section 1.7, items 1-4)."""
+def _strip_official_names(state: Mapping[str, Any], source: str) -> dict[str, Tensor]:
+    """Official file names -> module names (reference section 1.7 items 1-2).
+
+    Drops ``loss.*`` (the ``FullModel`` criterion's class-weight buffer) and strips a ``module.``
+    (DDP) and then a ``model.`` (``FullModel``) prefix.
+    """
     out: dict[str, Tensor] = {}
     for key, value in state.items():
         if not isinstance(key, str):
             raise ValueError(f"{source}: state-dict keys must be strings, got {key!r}")
-        if key.startswith("loss."):  # FullModel's criterion (class-weight buffer), not the network
+        if key.startswith("loss."):
             continue
         name = key
-        for prefix in ("module.", "model."):  # DDP wrapper, then official FullModel wrapper
+        for prefix in ("module.", "model."):
             if name.startswith(prefix):
                 name = name[len(prefix):]
         if not isinstance(value, Tensor):
@@ -604,22 +609,64 @@ def _official_to_fasterkd(state: Mapping[str, Any], model: HRNet, source: str) -
             raise ValueError(f"{source}: key {name!r} occurs twice after prefix stripping (e.g. with and "
                              f"without 'model.')")
         out[name] = value
-
-    # An OCR model initialised from a plain HRNet segmentation file: the official init_weights
-    # renames last_layer -> aux_head (its shapes are identical); only then, and only one way.
-    if model.config.ocr and any(k.startswith("last_layer.") for k in out) \
-            and not any(k.startswith("aux_head.") for k in out):
-        out = {("aux_head." + k[len("last_layer."):] if k.startswith("last_layer.") else k): v
-               for k, v in out.items()}
-
-    # PyTorch 0.4 / InPlaceABN files have no BatchNorm counters: insert zeros for every BN whose
-    # running statistics are present (a wholly missing BN is still reported as missing).
-    for key, value in model.state_dict().items():
-        if key.endswith(".num_batches_tracked") and key not in out:
-            stem = key[: -len("num_batches_tracked")]
-            if stem + "running_mean" in out:
-                out[key] = torch.zeros_like(value, device=out[stem + "running_mean"].device)
     return out
+
+
+def _fit_to_model(state: dict[str, Tensor], model: HRNet) -> dict[str, Tensor]:
+    """Model-dependent fixes (reference section 1.4 and 1.7 item 4)."""
+    # An OCR model initialised from a plain HRNet segmentation file: the official init_weights
+    # renames last_layer -> aux_head (identical shapes); only then, and only in this direction.
+    if model.config.ocr and any(k.startswith("last_layer.") for k in state) \
+            and not any(k.startswith("aux_head.") for k in state):
+        state = {("aux_head." + k[len("last_layer."):] if k.startswith("last_layer.") else k): v
+                 for k, v in state.items()}
+    # PyTorch 0.4 / InPlaceABN files have no BatchNorm counters: insert zeros for every BN whose
+    # running statistics are present (a wholly missing BN is still reported as missing). Explicit
+    # zeros also sidestep the version-2 _metadata trap of a strict load.
+    for key, value in model.state_dict().items():
+        if key.endswith(".num_batches_tracked") and key not in state:
+            stem = key[: -len("num_batches_tracked")]
+            if stem + "running_mean" in state:
+                state[key] = torch.zeros_like(value, device=state[stem + "running_mean"].device)
+    return state
+
+
+def _read_state(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> tuple[dict[str, Tensor], str]:
+    """(stripped state dict, description of its source for error messages)."""
+    if isinstance(path_or_state_dict, (str, os.PathLike)):
+        path = Path(path_or_state_dict)
+        source = f"checkpoint {str(path)!r}"
+        if not path.is_file():
+            raise FileNotFoundError(f"HRNet checkpoint {str(path)!r} does not exist (expected an official "
+                                    f"HRNet-Semantic-Segmentation .pth file or a fasterkd teacher checkpoint)")
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - re-raised with the file name
+            raise ValueError(f"{source} could not be read as a weights-only torch file: {exc}") from exc
+    else:
+        source = "HRNet state dict"
+        obj = path_or_state_dict
+    return _strip_official_names(_unwrap(obj, source), source), source
+
+
+def detect_hrnet_preset(path_or_state_dict: str | os.PathLike | Mapping[str, Any]) -> str | None:
+    """The preset whose key names and shapes a checkpoint matches exactly (counters aside), or None.
+
+    The class count is read from the file's head. Used for the hint in loader errors, and by
+    callers that want to build the right teacher for a file.
+    """
+    state, _ = _read_state(path_or_state_dict)
+    head = state.get("cls_head.weight", state.get("last_layer.3.weight"))
+    if head is None or head.dim() != 4:
+        return None
+    want = {k: tuple(v.shape) for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    for name in HRNET_PRESETS:
+        with torch.device("meta"):  # no memory, no init cost
+            candidate = build_hrnet(name, num_classes=head.shape[0])
+        have = {k: tuple(v.shape) for k, v in candidate.state_dict().items() if not k.endswith("num_batches_tracked")}
+        if have == want:
+            return name
+    return None
 
 
 def load_hrnet_checkpoint(model: HRNet, path_or_state_dict: str | os.PathLike | Mapping[str, Any], *,
@@ -635,57 +682,50 @@ def load_hrnet_checkpoint(model: HRNet, path_or_state_dict: str | os.PathLike | 
     file's ``last_layer.*`` is renamed to ``aux_head.*`` (the official OCR init; useful only with
     ``strict=False``, since such a file has no OCR weights).
 
-    Every shape is checked and the first mismatch raises ``ValueError`` with both shapes. With
-    ``strict=True`` (default) any missing or unexpected key raises ``ValueError`` listing them;
-    with ``strict=False`` only the keys present in both are loaded (the official ImageNet-
-    pretrained init), and the listing comes as a warning. Returns ``model``.
+    Every shape is checked. A shape mismatch (always), or with ``strict=True`` (default) any
+    missing or unexpected key, raises one ``ValueError`` that lists the missing and unexpected
+    keys, the first shape mismatch with both shapes, and, when the file matches another preset,
+    its name. With ``strict=False`` only the keys present in both are loaded (the official
+    ImageNet-pretrained init) and the listing comes as a warning. Returns ``model``.
     """
-    if isinstance(path_or_state_dict, (str, os.PathLike)):
-        path = Path(path_or_state_dict)
-        source = f"checkpoint {str(path)!r}"
-        if not path.is_file():
-            raise FileNotFoundError(f"HRNet checkpoint {str(path)!r} does not exist (expected an official "
-                                    f"HRNet-Semantic-Segmentation .pth file or a fasterkd teacher checkpoint)")
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - re-raised with the file name
-            raise ValueError(f"{source} could not be read as a weights-only torch file: {exc}") from exc
-    else:
-        source = "HRNet state dict"
-        obj = path_or_state_dict
-    state = _official_to_fasterkd(_unwrap(obj, source), model, source)
+    stripped, source = _read_state(path_or_state_dict)
+    state = _fit_to_model(dict(stripped), model)
 
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    for key, value in state.items():
-        if key in own and tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{source}: shape mismatch for {key!r}: checkpoint {tuple(value.shape)} vs model "
-                             f"{tuple(own[key].shape)} (model {model.config.name!r}, "
-                             f"num_classes={model.config.num_classes})")
-    if missing or unexpected:
-        hints = []
-        if any(k.startswith(("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")) for k in unexpected):
-            hints.append("the file looks like an ImageNet classification checkpoint: load it with strict=False")
-        if any(k.startswith(("cls_head.", "ocr_distri_head.", "conv3x3_ocr.")) for k in unexpected):
-            hints.append("the file holds HRNet-OCR weights: build 'hrnet-w48-ocr'")
-        if model.config.ocr and any(k.startswith(("cls_head.", "ocr_distri_head.", "conv3x3_ocr.")) for k in missing) \
-                and not any(k.startswith(("cls_head.", "ocr_distri_head.", "conv3x3_ocr.")) for k in state):
-            hints.append("the file has no OCR head: it is a plain HRNet file (build e.g. 'hrnet-w48')")
-        message = (f"{source} does not match model {model.config.name!r}: missing keys {_describe(missing)}; "
-                   f"unexpected keys {_describe(unexpected)}" + "".join(f"; {h}" for h in hints))
-        if strict:
-            raise ValueError(message)
-        import warnings
+    mismatch = next(((k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                     if k in own and tuple(v.shape) != tuple(own[k].shape)), None)
+    if mismatch is None and not missing and not unexpected:
+        model.load_state_dict(state, strict=True)
+        return model
 
-        warnings.warn(message + " (strict=False: loading the common keys)", stacklevel=2)
-        state = {k: v for k, v in state.items() if k in own}
-    model.load_state_dict(state, strict=strict)
+    parts = []
+    if mismatch is not None:
+        key, theirs, ours = mismatch
+        parts.append(f"first shape mismatch {key!r}: checkpoint {theirs} vs model {ours}")
+    parts.append(f"missing keys {_describe(missing)}")
+    parts.append(f"unexpected keys {_describe(unexpected)}")
+    ocr_parts = ("cls_head.", "ocr_distri_head.", "conv3x3_ocr.")
+    if any(k.startswith(("incre_modules.", "downsamp_modules.", "final_layer.", "classifier.")) for k in unexpected):
+        parts.append("the file looks like an ImageNet classification checkpoint: load it with strict=False")
+    elif model.config.ocr and not any(k.startswith(ocr_parts) for k in state):
+        parts.append("the file has no OCR head: it is a plain HRNet file")
+    detected = detect_hrnet_preset(stripped)
+    if detected is not None:
+        parts.append(f"the file matches {detected!r}: build that model "
+                     f"(num_classes={stripped.get('cls_head.weight', stripped.get('last_layer.3.weight')).shape[0]})")
+    message = (f"{source} does not match model {model.config.name!r} "
+               f"(num_classes={model.config.num_classes}): " + "; ".join(parts))
+    if strict or mismatch is not None:
+        raise ValueError(message)
+    warnings.warn(message + " (strict=False: loading the common keys)", stacklevel=2)
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
     return model
 
 
 __all__ = [
     "BasicBlock", "Bottleneck", "HighResolutionModule", "SpatialGather", "ObjectAttentionBlock", "SpatialOCR",
     "StageConfig", "HRNetConfig", "HRNet", "HRNET_PRESETS", "hrnet_config", "build_hrnet",
-    "load_hrnet_checkpoint",
+    "load_hrnet_checkpoint", "detect_hrnet_preset",
 ]
