@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fasterkd.models.arch import ArchSpec
 from fasterkd.models.heads import HEAD_NAMES, ConvNorm, Head, make_predictor, upsample
-from fasterkd.models.ops import make_op
+from fasterkd.models.ops import init_weights, make_op
 from fasterkd.models.outputs import SegOutput
 
 PAD_MULTIPLE = 32
@@ -173,6 +173,7 @@ class FasterSegStudent(nn.Module):
             self.heads16 = Head(c16, n_cls)
         self.agg_channels = 8 * f * len(lasts)
         self.predictor = make_predictor(config.head, self.agg_channels, n_cls)
+        init_weights(self)  # Kaiming-normal convs, BN 1/0 (spec §1)
 
     def _latest_channels(self, b: int, rate: int) -> int:
         """Channels of branch b's latest feature at ``rate`` (its last layer output there, or the stem)."""

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from fasterkd.models.arch import ArchSpec
 from fasterkd.models.heads import ConvNorm, upsample
-from fasterkd.models.ops import make_op
+from fasterkd.models.ops import init_weights, make_op
 from fasterkd.models.outputs import SegOutput
 from fasterkd.models.student import FasterSegStudent, StudentConfig, pad_to_multiple
 
@@ -90,6 +90,7 @@ class Tutor(FasterSegStudent):
         self.refine4 = ConvNorm(fused, width, config.refine_kernel)
         # the Head of the prediction module expects the fused width
         self.quarter_proj = ConvNorm(width, fused, 1) if width != fused else None
+        init_weights(self)
 
     def forward(self, image: Tensor) -> SegOutput:
         if image.dim() != 4 or image.shape[1] != 3:
