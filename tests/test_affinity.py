@@ -1,0 +1,289 @@
+"""The FA loss (Eq. 4-5) and its kernels: identities, exactness of the tiled kernel, gradients.
+
+Facts checked are those of hrnet-fa-kd.md §3 and §5 items 10-17. Inputs are small so the whole
+file runs in a few seconds on two cores.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fasterkd import affinity
+from fasterkd.affinity import (
+    affinity_matrix,
+    affinity_values,
+    fa_reference,
+    fa_tiled,
+    naive_fa_memory_bytes,
+    prepare_rows,
+    resolve_impl,
+)
+from fasterkd.losses import fa_loss
+
+F64 = torch.float64
+
+
+def rel_err(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-300))
+
+
+# (student shape, teacher shape, tile): same size, non-square, odd sizes, coarser student,
+# channel mismatch, tiles that do not divide N and a tile larger than N.
+SHAPES = [
+    ((2, 4, 6, 6), (2, 4, 6, 6), 7),
+    ((2, 5, 3, 7), (2, 3, 9, 13), 10),
+    ((1, 6, 5, 4), (1, 8, 10, 8), 16),
+    ((3, 3, 4, 8), (3, 7, 8, 16), 33),
+    ((2, 4, 7, 5), (2, 4, 7, 5), 1000),
+]
+
+
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: f"{s[0][1:]}->{s[1][1:]}-t{s[2]}")
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("interp", ["affinity", "features"])
+def test_tiled_equals_reference_value_and_gradient(shapes, q, interp):
+    s_shape, t_shape, tile = shapes
+    g = torch.Generator().manual_seed(zlib.crc32(repr((s_shape, t_shape, q, interp)).encode()))
+    student = torch.randn(s_shape, dtype=F64, generator=g, requires_grad=True)
+    teacher = torch.randn(t_shape, dtype=F64, generator=g)
+    ref = fa_loss(student, teacher, q=q, interp=interp, impl="reference")
+    (g_ref,) = torch.autograd.grad(ref, student)
+    til = fa_loss(student, teacher, q=q, interp=interp, impl="tiled", tile=tile)
+    (g_til,) = torch.autograd.grad(til, student)
+    assert abs(til.item() - ref.item()) / ref.item() < 1e-5
+    assert rel_err(g_til, g_ref) < 1e-5
+    assert g_ref.abs().max() > 0
+
+
+@pytest.mark.parametrize("q", [1, 2])
+def test_tiled_teacher_gradient_equals_reference(q):
+    # Only the ConvNorm ablation differentiates the teacher side; the tiled kernel must agree there too.
+    g = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 4, 4, 6, dtype=F64, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 5, 8, 12, dtype=F64, generator=g, requires_grad=True)
+    ref = fa_loss(student, teacher, q=q, impl="reference", teacher_grad=True)
+    g_ref = torch.autograd.grad(ref, (student, teacher))
+    til = fa_loss(student, teacher, q=q, impl="tiled", tile=20, teacher_grad=True)
+    g_til = torch.autograd.grad(til, (student, teacher))
+    for a, b in zip(g_til, g_ref):
+        assert rel_err(a, b) < 1e-5
+
+
+def test_tiled_gradient_is_the_closed_form():
+    # §5 item 17: dL/dB = -(2/N^2) sign(D) B per image (batch of one).
+    g = torch.Generator().manual_seed(4)
+    a = F.normalize(torch.randn(1, 30, 3, dtype=F64, generator=g), dim=2)
+    # Student rows of length 0.5..1.5 (as after interpolation): the diagonal 1 - |b_i|^2 is far
+    # from 0, so its sign is not decided by round-off.
+    lengths = 0.5 + torch.rand(1, 30, 1, dtype=F64, generator=g)
+    b = (F.normalize(torch.randn(1, 30, 5, dtype=F64, generator=g), dim=2) * lengths).requires_grad_()
+    (grad,) = torch.autograd.grad(fa_tiled(a, b, q=1, tile=7), b)
+    d = a[0] @ a[0].T - b[0].detach() @ b[0].detach().T
+    expected = -(2.0 / 30**2) * torch.sign(d) @ b[0].detach()
+    assert rel_err(grad[0], expected) < 1e-12
+
+
+def test_bilinear_affinity_interpolation_is_gram_of_upsampled_unit_vectors():
+    # The 4-D student affinity interpolated bilinearly along both pixel indices equals the Gram
+    # matrix of the bilinearly upsampled normalised student features (what fa_loss computes).
+    g = torch.Generator().manual_seed(5)
+    bsz, c, hs, ws, ht, wt = 2, 6, 3, 5, 7, 11
+    student = torch.randn(bsz, c, hs, ws, dtype=F64, generator=g)
+    teacher = torch.randn(bsz, 4, ht, wt, dtype=F64, generator=g)
+    s4 = affinity_matrix(student).view(bsz * hs * ws, 1, hs, ws)  # S[(i), j-grid]
+    up = F.interpolate(s4, size=(ht, wt), mode="bilinear", align_corners=False)  # along j
+    up = up.view(bsz, hs * ws, ht * wt).transpose(1, 2).reshape(bsz * ht * wt, 1, hs, ws)
+    up = F.interpolate(up, size=(ht, wt), mode="bilinear", align_corners=False)  # along i
+    s_interp = up.view(bsz, ht * wt, ht * wt).transpose(1, 2)
+    _, b = prepare_rows(student, teacher, interp="affinity")
+    assert rel_err(b @ b.transpose(1, 2), s_interp) < 1e-13
+    # ... and the loss is the mean |S^t - interpolated S^s| of those matrices.
+    expected = (affinity_matrix(teacher) - s_interp).abs().mean()
+    for impl in ("reference", "tiled"):
+        got = fa_loss(student, teacher, impl=impl, tile=16)
+        assert abs(got.item() - expected.item()) < 1e-13
+
+
+def test_features_interp_is_a_different_loss():
+    g = torch.Generator().manual_seed(6)
+    student = torch.randn(1, 4, 3, 4, dtype=F64, generator=g)
+    teacher = torch.randn(1, 4, 6, 8, dtype=F64, generator=g)
+    up = F.interpolate(student, size=(6, 8), mode="bilinear", align_corners=False)
+    expected = (affinity_matrix(teacher) - affinity_matrix(up)).abs().mean()
+    got = fa_loss(student, teacher, interp="features", impl="tiled", tile=5)
+    assert abs(got.item() - expected.item()) < 1e-13
+    assert abs(got.item() - fa_loss(student, teacher, interp="affinity").item()) > 1e-3
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+def test_identical_features_give_zero(impl):
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(2, 8, 5, 7, dtype=F64, generator=g)
+    x[0, :, 1, 2] = 0.0  # a dead (all-zero) pixel on both sides
+    # Zero up to round-off: the tiled kernel forms A_I A_J^T - B_I B_J^T in one fused product.
+    assert abs(fa_loss(x.clone(), x, impl=impl, tile=6).item()) < 1e-15
+
+
+@pytest.mark.parametrize("interp", ["affinity", "features"])
+def test_positive_per_pixel_scaling_invariance(interp):
+    g = torch.Generator().manual_seed(8)
+    student = torch.randn(2, 5, 4, 6, dtype=F64, generator=g)
+    teacher = torch.randn(2, 3, 8, 12, dtype=F64, generator=g)
+    s_scale = torch.rand(2, 1, 4, 6, dtype=F64, generator=g) * 10 + 0.01
+    t_scale = torch.rand(2, 1, 8, 12, dtype=F64, generator=g) * 10 + 0.01
+    base = fa_loss(student, teacher, interp=interp, impl="tiled", tile=13)
+    scaled_t = fa_loss(student, teacher * t_scale, interp=interp, impl="tiled", tile=13)
+    scaled_s = fa_loss(student * s_scale, teacher, interp=interp, impl="tiled", tile=13)
+    assert abs(scaled_t.item() - base.item()) < 1e-12
+    if interp == "affinity":  # normalisation before interpolation: invariant (§5 item 11)
+        assert abs(scaled_s.item() - base.item()) < 1e-12
+    else:  # interpolating raw vectors mixes them by their lengths: not invariant
+        assert abs(scaled_s.item() - base.item()) > 1e-4
+
+
+def test_orthogonal_channel_transform_invariance():
+    g = torch.Generator().manual_seed(9)
+    student = torch.randn(1, 6, 4, 4, dtype=F64, generator=g)
+    teacher = torch.randn(1, 6, 4, 4, dtype=F64, generator=g)
+    qmat, _ = torch.linalg.qr(torch.randn(6, 6, dtype=F64, generator=g))
+    rotated = torch.einsum("dc,bchw->bdhw", qmat, student)
+    assert abs(fa_loss(rotated, teacher).item() - fa_loss(student, teacher).item()) < 1e-13
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+def test_closed_form_half(impl):
+    # §5 item 14: teacher pixels orthogonal (S^t = I_2), student pixels identical (S^s = 1) -> 2/4.
+    teacher = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=F64).view(1, 2, 1, 2)
+    student = torch.tensor([[3.0, 3.0], [-1.0, -1.0]], dtype=F64).view(1, 2, 1, 2)
+    assert fa_loss(student, teacher, impl=impl, tile=1).item() == pytest.approx(0.5, abs=1e-15)
+    assert fa_loss(student, teacher, q=2, impl=impl, tile=1).item() == pytest.approx(0.5, abs=1e-15)
+
+
+def test_zero_vectors_are_normalised_to_zero():
+    # A zero pixel has affinity 0 with everything, itself included; its gradient stays finite.
+    teacher = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=F64).view(1, 2, 1, 3)
+    student = torch.tensor([[1.0, 0.0, 2.0], [0.0, 0.0, 0.0]], dtype=F64).view(1, 2, 1, 3)
+    s_t = affinity_matrix(teacher)[0]
+    assert torch.equal(s_t[1], torch.zeros(3, dtype=F64)) and torch.equal(s_t[:, 1], torch.zeros(3, dtype=F64))
+    # S^t = diag(1, 0, 1), S^s = all ones except row/column 1 -> |D| sums to 2 (pairs (0,2),(2,0)).
+    for impl in ("reference", "tiled"):
+        s = student.clone().requires_grad_()
+        loss = fa_loss(s, teacher, impl=impl, tile=2)
+        assert loss.item() == pytest.approx(2 / 9, abs=1e-15)
+        loss.backward()
+        assert torch.isfinite(s.grad).all()
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+def test_gradients_reach_only_the_student(impl):
+    g = torch.Generator().manual_seed(10)
+    student = torch.randn(2, 4, 3, 5, generator=g, requires_grad=True)
+    teacher = torch.randn(2, 4, 6, 10, generator=g, requires_grad=True)
+    fa_loss(student, teacher, impl=impl, tile=16).backward()
+    assert teacher.grad is None
+    assert student.grad is not None and student.grad.abs().sum() > 0
+
+
+def test_random_gaussian_expectation_and_bounds():
+    # §5 items 15-16: independent Gaussians -> about sqrt(2/pi) sqrt(2/C) (1 - 1/N); post-ReLU maps <= 1.
+    g = torch.Generator().manual_seed(11)
+    c, h, w = 64, 32, 32
+    n = h * w
+    student = torch.randn(2, c, h, w, generator=g)
+    teacher = torch.randn(2, c, h, w, generator=g)
+    loss = fa_loss(student, teacher, impl="tiled", tile=512).item()
+    expected = math.sqrt(2 / math.pi) * math.sqrt(2 / c) * (1 - 1 / n)
+    assert loss == pytest.approx(expected, rel=0.02)
+    assert 0.0 <= fa_loss(student.relu(), teacher.relu(), impl="tiled").item() <= 1.0
+
+
+def test_fp32_tiled_matches_fp64_reference():
+    g = torch.Generator().manual_seed(12)
+    student = torch.randn(2, 16, 12, 20, generator=g)
+    teacher = torch.randn(2, 24, 24, 40, generator=g)
+    ref = fa_loss(student.double(), teacher.double(), impl="reference")
+    til = fa_loss(student, teacher, impl="tiled", tile=256)
+    assert til.dtype == torch.float32
+    assert abs(til.item() - ref.item()) / ref.item() < 1e-5
+
+
+def test_affinity_values_exact_and_sampled():
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(2, 5, 4, 6, generator=g)
+    vals = affinity_values(x, max_pixels=100)
+    s = affinity_matrix(x)
+    iu = torch.triu_indices(24, 24, offset=1)
+    expected = torch.cat([s[k][iu[0], iu[1]] for k in range(2)])
+    assert torch.allclose(vals, expected)
+    assert affinity_values(x[0], max_pixels=100, include_diagonal=True).numel() == 24 * 25 // 2
+    sampled = affinity_values(x, max_pixels=10, generator=torch.Generator().manual_seed(0))
+    again = affinity_values(x, max_pixels=10, generator=torch.Generator().manual_seed(0))
+    assert sampled.numel() == 2 * 45 and torch.equal(sampled, again)
+    assert sampled.abs().max() <= 1 + 1e-6
+    # Every sampled value is an entry of the true affinity matrices.
+    assert (sampled[:, None] - expected[None, :]).abs().min(dim=1).values.max() < 1e-6
+
+
+def test_auto_dispatch_and_errors():
+    small = torch.zeros(1, affinity.AUTO_REFERENCE_MAX_PIXELS, 4)
+    large = torch.zeros(1, affinity.AUTO_REFERENCE_MAX_PIXELS + 1, 4)
+    if not (affinity.TRITON_AVAILABLE and torch.cuda.is_available()):
+        assert resolve_impl("auto", small) == "reference"
+        assert resolve_impl("auto", large) == "tiled"
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="impl"):
+        fa_loss(x, x, impl="fast")
+    with pytest.raises(ValueError, match="interp"):
+        fa_loss(x, x, interp="nearest")
+    with pytest.raises(ValueError, match="q must"):
+        fa_loss(x, x, q=3)
+    with pytest.raises(ValueError, match="batch"):
+        fa_loss(x, torch.randn(2, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        fa_loss(x[0], x)
+    with pytest.raises(ValueError, match="tile"):
+        fa_loss(x, x, impl="tiled", tile=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="triton"):
+            fa_loss(x, x, impl="triton")
+    with pytest.raises(ValueError, match="max_pixels"):
+        affinity_values(x, max_pixels=1)
+
+
+def test_naive_memory_estimate_matches_the_planning_table():
+    # hrnet-fa-kd.md §3.3: 256x512 crop, 1/4 path (N = 8192), batch 10, fp32 -> about 13.4 GB.
+    assert naive_fa_memory_bytes(10, 64 * 128) / 1e9 == pytest.approx(13.58, abs=0.01)
+
+
+def test_reference_rows_api_matches_loss():
+    g = torch.Generator().manual_seed(14)
+    a = F.normalize(torch.randn(2, 9, 3, dtype=F64, generator=g), dim=2)
+    b = F.normalize(torch.randn(2, 9, 4, dtype=F64, generator=g), dim=2)
+    d = a @ a.transpose(1, 2) - b @ b.transpose(1, 2)
+    assert fa_reference(a, b, q=1).item() == pytest.approx(d.abs().mean().item(), abs=1e-15)
+    assert fa_reference(a, b, q=2).item() == pytest.approx(d.square().mean().item(), abs=1e-15)
+
+
+@pytest.mark.skipif(
+    not (affinity.TRITON_AVAILABLE and torch.cuda.is_available()), reason="needs CUDA and Triton"
+)
+@pytest.mark.parametrize("q", [1, 2])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_triton_equals_tiled_on_cuda(q, teacher_grad):
+    g = torch.Generator().manual_seed(15)
+    student = torch.randn(2, 48, 13, 21, generator=g).cuda().requires_grad_()
+    teacher = torch.randn(2, 40, 26, 42, generator=g).cuda().requires_grad_(teacher_grad)
+    inputs = (student, teacher) if teacher_grad else (student,)
+    ref = fa_loss(student.double(), teacher.double(), q=q, impl="tiled", teacher_grad=teacher_grad)
+    g_ref = torch.autograd.grad(ref, inputs)
+    tri = fa_loss(student, teacher, q=q, impl="triton", teacher_grad=teacher_grad)
+    g_tri = torch.autograd.grad(tri, inputs)
+    assert abs(tri.item() - ref.item()) / ref.item() < 1e-5
+    for x, y in zip(g_tri, g_ref):
+        assert rel_err(x.double(), y) < 1e-4
+    assert resolve_impl("auto", torch.zeros(1, 4, 4, device="cuda")) == "triton"
