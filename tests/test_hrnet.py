@@ -18,6 +18,7 @@ from fasterkd.models.hrnet import (
     HRNET_PRESETS,
     HRNet,
     build_hrnet,
+    build_hrnet_from_checkpoint,
     detect_hrnet_preset,
     hrnet_config,
     load_hrnet_checkpoint,
@@ -415,3 +416,21 @@ def test_detect_preset_and_hint_in_errors() -> None:
     # a Small-v1 file given to a Small-v2 model: the error names the right preset
     with pytest.raises(ValueError, match=r"missing keys .*unexpected keys .*matches 'hrnet-w18-small-v1'"):
         load_hrnet_checkpoint(meta_model("hrnet-w18-small-v2"), official_file_dict(small_model(70)))
+
+
+def test_build_from_checkpoint(tmp_path) -> None:
+    src = small_model(80, num_classes=7)
+    path = tmp_path / "teacher.pth"
+    torch.save({"model": src.state_dict(), "epoch": 1}, path)  # fasterkd trainer layout
+    teacher = build_hrnet_from_checkpoint(path).eval()
+    assert teacher.config.name == "hrnet-w18-small-v1" and teacher.config.num_classes == 7
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(teacher(x).pred4, src(x).pred4, rtol=0, atol=0)
+    sd = src.state_dict()
+    del sd["stage2.0.branches.0.0.conv1.weight"]
+    torch.save(sd, path)
+    with pytest.raises(ValueError, match="teacher.pth.*none of the HRNet presets"):
+        build_hrnet_from_checkpoint(path)
+    with pytest.raises(ValueError, match=r"teacher.pth.*missing keys 1 \[stage2\.0\.branches\.0\.0\.conv1\.weight\]"):
+        build_hrnet_from_checkpoint(path, name="hrnet-w18-small-v1")
