@@ -70,8 +70,8 @@ def build_model(name: str, arch: ArchSpec | str | os.PathLike | None = None, hea
     elif name == "supernet":
         from fasterkd.models.supernet import Supernet, SupernetConfig
 
-        if arch is not None:
-            raise ValueError("build_model('supernet') builds the search space and takes no arch")
+        if arch is not None or head != "bilinear":
+            raise ValueError(f"build_model('supernet') builds the search space: arch and head do not apply (got arch={arch!r}, head={head!r})")
         return Supernet(SupernetConfig(num_classes=num_classes, **kw))
     elif name in HRNET_NAMES:
         from fasterkd.models.hrnet import build_hrnet
