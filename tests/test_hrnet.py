@@ -190,6 +190,11 @@ def test_cost_count_macs_matches_official_readme(name: str) -> None:
     macs = cost.count_macs(meta_model(name), (1024, 2048))
     assert macs / 1e9 == pytest.approx(OFFICIAL_GMACS[name], abs=0.005)
     assert macs / 1024**3 == pytest.approx(OFFICIAL_GIB_MACS[name], abs=1e-4)
+    flops = cost.count_flops(meta_model(name), (1024, 2048))
+    if name == "hrnet-w48-ocr":  # section 5 item 3: 1297.88 G MACs with the attention matmuls
+        assert flops / 2e9 == pytest.approx(1297.88, abs=0.005)
+    else:  # flop_counter counts exactly 2x the conv MACs
+        assert flops == 2 * macs
 
 
 # --------------------------------------------------------------------------------------------
