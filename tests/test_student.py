@@ -146,6 +146,15 @@ def test_official_weights_round_trip(student: FasterSegStudent) -> None:
         assert torch.equal(student(x).pred8, fresh(x).pred8)
 
 
+def test_official_weights_from_file(student: FasterSegStudent, tmp_path) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save(fasterseg_state_dict(student), path)  # the official train.py saves a plain state dict
+    fresh = load_fasterseg_weights(build_model("student"), path)
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        load_fasterseg_weights(fresh, tmp_path / "missing.pt")
+
+
 def test_official_weights_errors_name_the_keys(student: FasterSegStudent) -> None:
     official = fasterseg_state_dict(student)
     bad = dict(official)

@@ -26,7 +26,9 @@ ops halve the size twice per rate, spec §12 item 19) and the logits are cropped
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping
 
 import torch
@@ -302,8 +304,12 @@ def fasterseg_state_dict(model: FasterSegStudent) -> dict[str, Tensor]:
     return {_ours_to_official(k): v for k, v in model.state_dict(keep_vars=False).items()}
 
 
-def load_fasterseg_weights(model: FasterSegStudent, state_dict: Mapping[str, Any]) -> FasterSegStudent:
+def load_fasterseg_weights(model: FasterSegStudent, state_dict: Mapping[str, Any] | str | os.PathLike) -> FasterSegStudent:
     """Load weights saved by the official FasterSeg code into ``model`` (in place; returns it).
+
+    ``state_dict`` is the state dict itself or the path of the official ``weights.pt`` (read with
+    ``torch.load(weights_only=True)``: no pickled code runs; a ``{"state_dict": ...}`` wrapper is
+    unwrapped).
 
     One mapping from the official names (spec §8: ``stem.*``, ``cells.{l}-{b}._op.*`` with duplicated
     keys for shared layers, ``arms32``, ``refines32``, ``arms16``, ``refines16``, ``ffm``, ``heads8``,
@@ -311,6 +317,13 @@ def load_fasterseg_weights(model: FasterSegStudent, state_dict: Mapping[str, Any
     missing key, unexpected key or shape mismatch raises ``ValueError`` listing the keys by their
     official names, and nothing is loaded.
     """
+    if isinstance(state_dict, (str, os.PathLike)):
+        path = Path(state_dict)
+        if not path.is_file():
+            raise FileNotFoundError(f"FasterSeg weights file {path} does not exist (expected the official weights.pt)")
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
+            state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, Mapping):
         raise ValueError(f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
     ours = model.state_dict()
