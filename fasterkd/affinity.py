@@ -161,7 +161,8 @@ class _TiledFA(torch.autograd.Function):
         acc = _acc_dtype(a.dtype)
         blocks = _blocks(n, tile)
         # One flat buffer for every block product: no allocation (and no page faults) per block.
-        buf = torch.empty(tile * tile, dtype=a.dtype, device=a.device)
+        t = min(tile, n)
+        buf = torch.empty(t * t, dtype=a.dtype, device=a.device)
         total = torch.zeros((), dtype=torch.float64, device=a.device)
         for img in range(nb):
             x = torch.cat([a[img], b[img]], dim=1)  # (N, C_t + C_s)
@@ -193,7 +194,8 @@ class _TiledFA(torch.autograd.Function):
         nb, n, ct = a.shape
         acc = _acc_dtype(a.dtype)
         blocks = _blocks(n, tile)
-        buf = torch.empty(tile * tile, dtype=a.dtype, device=a.device)
+        t = min(tile, n)
+        buf = torch.empty(t * t, dtype=a.dtype, device=a.device)
         # phi = sign(D) (q=1) or 2D (q=2); dL/dA = +(2/N^2) phi A, dL/dB = -(2/N^2) phi B, each
         # divided by the batch size (batch mean). phi V is accumulated for V = [A, B] or B only.
         scale = grad_out.to(torch.float64) * (2.0 * (2.0 if q == 2 else 1.0) / (n * n * nb))
