@@ -147,8 +147,8 @@ class SearchConfig:
     latency_weight: float = 0.01  # lambda1 (initial; adapted to the FPS range each epoch)
     latency_table: str = "official"  # "official" or a JSON written by `fasterkd latency-table`
     latency_input: tuple[int, int] = (1024, 2048)
-    fps_min: float = 155.0
-    fps_max: float = 175.0
+    fps_min: float | None = 155.0  # None: relative to the first derivation (tiny spaces on a CPU)
+    fps_max: float | None = 175.0
     target_ms: float = 8.3
     lasts: tuple[tuple[int, ...], ...] = ((2, 0), (2, 1))
     split_fraction: float = 0.5
@@ -383,8 +383,11 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
             cfg.optim = OptimConfig(lr=0.01, weight_decay=5e-4, lr_decay=0.978, grad_clip=5.0)
             cfg.search = SearchConfig(pretrain_epochs=20, latency_weight=0.01, pretrain_lr=0.02)
         else:
-            tiny = dict(layers=4, fch=4, width_mult_list=(0.5, 1.0))
-            cfg.search = SearchConfig(pretrain_epochs=1, supernet=tiny, latency_weight=0.01)
+            # a tiny space (4 layers, fch 4, three widths) and a latency table measured on this
+            # device for the training crop; no absolute FPS target on a CPU (see fasterkd.search)
+            tiny = dict(layers=4, fch=4, width_mult_list=(0.5, 0.75, 1.0), stem_head_widths=((0.75, 0.75),))
+            cfg.search = SearchConfig(pretrain_epochs=1, supernet=tiny, latency_weight=0.01, latency_table="measure",
+                                      latency_input=tuple(cfg.data.crop), fps_min=None, fps_max=None)
             cfg.epochs = 1 if profile == "smoke" else 3
             cfg.optim = OptimConfig(lr=0.02, weight_decay=5e-4, lr_decay=0.978, grad_clip=5.0)
             if quick:
@@ -1024,7 +1027,7 @@ class Trainer:
         return {
             "format": CHECKPOINT_FORMAT,
             "fasterkd_version": fasterkd.__version__,
-            "torch_version": torch.__version__,
+            "torch_version": str(torch.__version__),
             "stage": self.cfg.stage,
             "config": self.cfg.to_dict(),
             "identity": self.identity,
