@@ -385,7 +385,7 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
         else:
             # a tiny space (4 layers, fch 4, three widths) and a latency table measured on this
             # device for the training crop; no absolute FPS target on a CPU (see fasterkd.search)
-            tiny = dict(layers=4, fch=4, width_mult_list=(0.5, 0.75, 1.0), stem_head_widths=((0.75, 0.75),))
+            tiny = dict(layers=4, fch=4, width_mult_list=[0.5, 0.75, 1.0], stem_head_widths=[[0.75, 0.75]])  # JSON form
             cfg.search = SearchConfig(pretrain_epochs=1, supernet=tiny, latency_weight=0.01, latency_table="measure",
                                       latency_input=tuple(cfg.data.crop), fps_min=None, fps_max=None)
             cfg.epochs = 1 if profile == "smoke" else 3

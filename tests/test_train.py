@@ -1,0 +1,189 @@
+"""The trainer: presets, config round trip, bit-exact resume, NaN stop, checkpoint refusal, 2-rank DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fasterkd import train
+from fasterkd.train import OVERRIDES, NonFiniteLossError, TrainConfig, load_checkpoint, preset, run_stage
+
+NOTEBOOK_OVERRIDES = ("data_root", "out_dir", "device", "seed", "epochs", "teacher", "teacher_model", "tutor", "init",
+                      "arch", "head", "fa_weight", "fa_convnorm", "quarter_depth")
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    # the embedded synthetic data is written once per session into a temporary cache
+    monkeypatch.setenv("FASTERKD_CACHE", str(tmp_path_factory.getbasetemp() / "fasterkd-cache"))
+
+
+# a small derived arch (fch 4, two branches) keeps the student runs of these tests fast
+TINY_ARCH = {"format": "fasterkd-arch", "version": 1, "fch": 4, "stem_chi": 8, "head_chi": 8, "name": "tiny-test",
+             "branches": [{"last": 2, "ops": ["conv", "conv_downup", "conv", "conv"], "path": [0, 0, 1, 2],
+                           "downs": [0, 1, 1, 0], "chis": [8, 8, 8]},
+                          {"last": 1, "ops": ["conv", "conv", "skip"], "path": [0, 0, 1], "downs": [0, 1, 0],
+                           "chis": [8, 8]}]}
+
+
+@pytest.fixture(scope="module")
+def tiny_arch(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("arch") / "tiny.json"
+    path.write_text(json.dumps(TINY_ARCH))
+    return str(path)
+
+
+def smoke(stage: str, out: Path, **kw) -> TrainConfig:
+    return preset(stage, "smoke", out_dir=str(out), device="cpu", progress=False, **kw)
+
+
+# ------------------------------------------------------------------------------ presets
+
+
+def test_override_names_cover_the_notebooks_and_unknown_names_fail():
+    assert set(NOTEBOOK_OVERRIDES) <= set(OVERRIDES)
+    cfg = preset("student", "quick", fa_weight=0.5, fa_convnorm=True, quarter_depth=3, head="pixel_shuffle",
+                 teacher_model="hrnet-w18", seed=7, epochs=3, device="cpu", data_root="", out_dir="x")
+    assert (cfg.loss.fa_weight, cfg.loss.fa_convnorm, cfg.model.quarter_depth, cfg.model.head) == (0.5, True, 3, "pixel_shuffle")
+    assert (cfg.guide.teacher_model, cfg.seed, cfg.epochs, cfg.out_dir) == ("hrnet-w18", 7, 3, "x")
+    assert preset("baseline", "quick", **{"optim.lr": 0.5}).optim.lr == 0.5
+    with pytest.raises(ValueError, match="valid names are .*fa_weight"):
+        preset("student", "quick", c=1.0)
+    with pytest.raises(ValueError, match="unknown config field 'optim.lrr'"):
+        preset("student", "quick", **{"optim.lrr": 1})
+    with pytest.raises(ValueError, match="stage must be one of"):
+        preset("distill")
+    with pytest.raises(ValueError, match="profile must be one of"):
+        preset("baseline", "huge")
+
+
+def test_paper_presets_hold_section_4_2():
+    s = preset("search", "paper")
+    assert (s.search.pretrain_epochs, s.epochs, s.data.batch_size, s.optim.lr, s.optim.weight_decay) == (20, 30, 6, 0.01, 5e-4)
+    assert (s.search.latency_weight, s.loss.kd_weight, s.search.latency_table) == (0.01, 1.0, "official")
+    assert (s.search.fps_min, s.search.fps_max, s.optim.momentum) == (155.0, 175.0, 0.9)
+    b = preset("baseline", "paper")
+    assert (b.epochs, b.data.batch_size, b.optim.lr, b.optim.lr_decay, b.optim.weight_decay) == (500, 10, 0.012, 0.99, 1e-3)
+    assert b.data.crop == (256, 512) and b.loss.ohem and b.loss.aux_weight == 0.2
+    t = preset("tutor", "paper")
+    assert (t.epochs, t.optim.lr, t.model.name) == (350, 0.0026, "tutor")
+    st = preset("student", "paper")
+    assert (st.epochs, st.optim.lr, st.loss.fa_weight, st.loss.fa_lambda) == (400, 0.003, 1.0, 0.8)
+    assert preset("head", "paper").model.head == "pixel_shuffle"
+
+
+def test_config_round_trips_through_json():
+    cfg = preset("search", "quick", fa_weight=0.25, crop=(96, 160))
+    back = TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
+        TrainConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+
+
+def test_stages_name_their_missing_inputs(tmp_path):
+    with pytest.raises(ValueError, match="give teacher="):
+        run_stage(smoke("baseline", tmp_path / "b"))
+    with pytest.raises(ValueError, match="give tutor="):
+        run_stage(smoke("student", tmp_path / "s"))
+    with pytest.raises(FileNotFoundError, match="init='nope.pt'"):
+        run_stage(smoke("student", tmp_path / "s", init="nope.pt"))
+
+
+# ------------------------------------------------------------------------------ resume, NaN, refusal
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_is_bit_exact_on_cpu(tmp_path, tiny_arch):
+    kw = dict(kd_weight=0.0, arch=tiny_arch, **{"data.scales": (0.75, 1.0, 1.25)})
+    straight = run_stage(smoke("baseline", tmp_path / "a", epochs=2, **kw))
+    run_stage(smoke("baseline", tmp_path / "b", epochs=1, **kw))
+    resumed = run_stage(smoke("baseline", tmp_path / "b", epochs=2, **kw), resume=True)
+    a, b = _weights(straight.last), _weights(resumed.last)
+    assert a["epoch"] == b["epoch"] == 2 and a["step"] == b["step"] > 2
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for s, t in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(s["momentum_buffer"], t["momentum_buffer"])
+    assert [r["loss"] for r in straight.metrics] == [r["loss"] for r in resumed.metrics]
+    # a run that starts over from scratch differs from one continued from epoch 1 weights
+    assert a["model"] and a["fasterkd_version"] and a["config"]["stage"] == "baseline"
+
+
+def test_non_finite_loss_stops_the_run_naming_step_terms_and_checkpoint(tmp_path, monkeypatch, tiny_arch):
+    real = train.Objective.forward
+    calls = {"n": 0}
+
+    def poisoned(self, model, image, label):
+        total, terms = real(self, model, image, label)
+        if (tmp_path / "nan" / "last.pt").exists() and not calls["n"]:  # first step of epoch 2
+            calls["n"] += 1
+            terms["ce"] = terms["ce"] * float("nan")
+            total = sum(terms.values())
+        return total, terms
+
+    monkeypatch.setattr(train.Objective, "forward", poisoned)
+    with pytest.raises(NonFiniteLossError) as info:
+        run_stage(smoke("baseline", tmp_path / "nan", epochs=2, kd_weight=0.0, arch=tiny_arch))
+    msg = str(info.value)
+    steps = _weights(tmp_path / "nan" / "last.pt")["step"]
+    assert f"at step {steps} (epoch 2, batch 0)" in msg and "'ce': nan" in msg
+    assert str(tmp_path / "nan" / "last.pt") in msg
+    assert _weights(tmp_path / "nan" / "last.pt")["epoch"] == 1  # the good checkpoint is intact
+
+
+def test_checkpoints_of_other_models_or_configs_are_refused(tmp_path, tiny_arch):
+    base = run_stage(smoke("baseline", tmp_path / "base", kd_weight=0.0, arch=tiny_arch))
+    # resuming with another head / another stage recipe
+    with pytest.raises(ValueError, match="another configuration: .*model.head"):
+        run_stage(smoke("baseline", tmp_path / "base", kd_weight=0.0, head="pixel_shuffle", epochs=2, arch=tiny_arch),
+                  resume=True)
+    # starting from a baseline of another architecture
+    with pytest.raises(ValueError, match="another architecture"):
+        run_stage(smoke("tutor", tmp_path / "t2", kd_weight=0.0, init=str(base.best)))
+    # a student checkpoint is not a tutor
+    with pytest.raises(ValueError, match="expected a tutor run"):
+        run_stage(smoke("student", tmp_path / "st", tutor=str(base.best)))
+    # not a fasterkd checkpoint at all
+    junk = tmp_path / "junk.pt"
+    torch.save({"weights": torch.zeros(2)}, junk)
+    with pytest.raises(ValueError, match="not a fasterkd checkpoint"):
+        load_checkpoint(junk)
+    with pytest.raises(ValueError, match="not a fasterkd checkpoint"):
+        run_stage(smoke("tutor", tmp_path / "t", kd_weight=0.0, init=str(junk)))
+    # the rebuilt model equals the trained one
+    model, cfg = load_checkpoint(base.best)
+    assert cfg.stage == "baseline" and not model.training
+    saved = _weights(base.best)["model"]
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+
+
+# ------------------------------------------------------------------------------ DDP
+
+
+def test_two_gloo_ranks_hold_identical_weights_and_the_loss_falls(tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTERKD_CACHE": os.environ["FASTERKD_CACHE"]}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fasterkd", "train", "baseline", "--profile", "smoke", "--device", "cpu", "--out", str(out),
+           "--epochs", "4", "--kd-weight", "0", "--lr", "0.05", "--no-progress",
+           "--set", "ddp_sync_check=true", "--set", "eval_every=0", "--set", "final_eval=false",
+           "--set", "loss.ohem=false"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "metrics.json").read_text())
+    assert len(rows) == 4
+    assert all(r["ddp_max_weight_diff"] == 0.0 for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    ckpt = _weights(out / "last.pt")
+    assert ckpt["step"] == 4  # 4 images, 2 ranks x batch 2: one step per epoch
+    assert not any(k.startswith("module.") for k in ckpt["model"])
