@@ -86,16 +86,22 @@ def _choose_path(betas: list[Tensor], last: int, layers: int, official_quirks: b
     """Downsampling positions from the beta "from down" probabilities (spec §7 step 2)."""
     downs = [0] * layers
     if last == 1:
-        p = betas[1][1:-1, 0]  # rows 1 .. L-4: keeps at least two 1/8 and two 1/16 layers
-        k = int(torch.argmax(p)) + 1
+        if layers >= 5:  # official: rows 1 .. L-4, keeping >= 2 layers at 1/8 and at 1/16
+            k = int(torch.argmax(betas[1][1:-1, 0])) + 1
+        else:  # small spaces: any row (its stride-2 layer is never the last layer)
+            k = int(torch.argmax(betas[1][:, 0]))
         downs[k if official_quirks else k + 1] = 1
     elif last == 2:
-        best, best_ab = 0.0, (0, 1)
-        for b in range(layers - 4):
-            for a in range(1, b - 1):
-                prob = float(betas[1][a, 0] * betas[2][b, 0])
-                if prob > best:
-                    best, best_ab = prob, (a, b)
+        # official: b in 0 .. L-5, a in 1 .. b-2 (>= 3 cells at 1/16, >= 2 at 1/32); spaces with
+        # fewer than 8 layers have no such pair and use every pair with a <= b instead
+        pairs = [(a, b) for b in range(layers - 4) for a in range(1, b - 1)]
+        if not pairs:
+            pairs = [(a, b) for b in range(layers - 3) for a in range(0, b + 1)]
+        best, best_ab = 0.0, pairs[0]
+        for a, b in pairs:
+            prob = float(betas[1][a, 0] * betas[2][b, 0])
+            if prob > best:
+                best, best_ab = prob, (a, b)
         downs[best_ab[0] + 1] = 1
         downs[best_ab[1] + 2] = 1
     return _downs_to_path(downs)
@@ -116,7 +122,7 @@ def _choose_ops(alphas: list[Tensor], path: list[int], widths: list[float], last
     """Ops with FasterSeg's skip handling; edits ``alphas`` in place (spec §7 step 4)."""
     n = len(path)
     row = lambda i: alphas[path[i]][i - path[i]]  # noqa: E731  (alpha row of layer i)
-    min_len = int(round(n / 3)) + 2 * last
+    min_len = min(n, int(round(n / 3)) + 2 * last)  # the official minimum (capped for tiny spaces)
     candidates: list[tuple[int, float]] = []  # (layer, skip probability) of removable skips
     for i in range(n):
         if ignore_skip:
