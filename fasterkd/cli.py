@@ -86,8 +86,16 @@ def _cmd_cost(args: argparse.Namespace) -> int:
 def _cmd_latency_table(args: argparse.Namespace) -> int:
     from fasterkd.models.latency import measure_latency_table
 
-    measure_latency_table(args.out, input_size=parse_size(args.input, "--input"), device=args.device, repeats=args.repeats)
-    print(f"wrote {args.out}")
+    from fasterkd.models.latency import parse_ratios
+
+    widths = parse_ratios(args.widths, "--widths")
+    stem_head = [tuple(parse_ratios(pair.replace(":", ","), "--stem-head-widths")) for pair in args.stem_head_widths.split(",")]
+    if any(len(p) != 2 for p in stem_head):
+        raise ValueError(f"--stem-head-widths must look like 1:1,8/12:8/12, got {args.stem_head_widths!r}")
+    entries = measure_latency_table(args.out, input_size=parse_size(args.input, "--input"), device=args.device,
+                                    repeats=args.repeats, fch=args.fch, width_mult_list=widths,
+                                    stem_head_widths=stem_head, warmup=args.warmup)
+    print(f"wrote {args.out}: {len(entries)} entries")
     return 0
 
 
@@ -137,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--input", default="1024x2048", help="network input size HxW")
     lat.add_argument("--device", default="auto")
     lat.add_argument("--repeats", type=int, default=20)
+    lat.add_argument("--warmup", type=int, default=3)
+    lat.add_argument("--fch", type=int, default=12, help="base channel count Fch of the search space")
+    lat.add_argument("--widths", default="4/12,6/12,8/12,10/12,1", help="width ratios of the search space")
+    lat.add_argument("--stem-head-widths", default="1:1,8/12:8/12", help="stem:head width of each architecture")
     lat.set_defaults(func=_cmd_latency_table)
 
     from fasterkd.train import add_train_commands

@@ -149,7 +149,7 @@ def test_supernet_latency_recursion_by_hand() -> None:
     # layer 3: T0 7, T1 = (8+7)/2+1 = 8.5, T2 = (9.5+8.5)/2+1 = 10 -> 25.5
     assert float(supernet_latency(net, 0, lut, input_size=(64, 128), official_quirks=True).detach()) == pytest.approx(25.5)
     weighted = supernet_latency(net, 0, lut, input_size=(64, 128), scale_weights=(3 / 12, 4 / 12, 5 / 12))
-    assert float(weighted) == pytest.approx(7.0)
+    assert float(weighted.detach()) == pytest.approx(7.0)
 
 
 def test_decoupled_latency_weights() -> None:
@@ -162,7 +162,7 @@ def test_decoupled_latency_weights() -> None:
     c = supernet_latency(net, 0, lut, alpha="uniform", beta="uniform", widths="gumbel", **kw)
     torch.manual_seed(3)
     d = decoupled_latency(net, 0, lut, **kw)
-    assert float(d) == pytest.approx(float(a / 500 + b * 497 / 500 + c * 2 / 500), rel=1e-6)
+    assert float(d.detach()) == pytest.approx(float((a / 500 + b * 497 / 500 + c * 2 / 500).detach()), rel=1e-6)
     d.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (net.alpha_0_0, net.beta_0_1, net.ratio_0_0))
 
@@ -198,3 +198,17 @@ def test_table_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown op"):
         op_key("sep", 8, 8, 4, 4, 1)
     assert len(PRIMITIVES) == 5
+
+
+def test_cli_latency_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fasterkd.cli import main
+
+    out = tmp_path / "t.json"
+    args = ["latency-table", "--out", str(out), "--input", "64x64", "--device", "cpu", "--repeats", "1",
+            "--warmup", "0", "--fch", "2", "--widths", "1/2,1", "--stem-head-widths", "1:1"]
+    assert main(args) == 0
+    lut = load_lut(out)
+    assert op_key("conv_2x_downup", 8, 8, 8, 16, 1) in lut  # 1/8: Fch 2 * 8 = 16 max channels, 8 at 1/2
+    assert main(args[:-2] + ["--stem-head-widths", "1:1:1"]) == 2
+    assert main(args[:-4] + ["--widths", "a,b", "--stem-head-widths", "1:1"]) == 2
+    assert "--widths" in capsys.readouterr().err

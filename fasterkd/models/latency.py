@@ -219,6 +219,19 @@ def stem_keys(input_size: tuple[int, int], fch: int, stem_ratio: float) -> list[
     ]
 
 
+def parse_ratios(text: str, name: str = "widths") -> list[float]:
+    """``"4/12,6/12,1"`` -> [0.333.., 0.5, 1.0]; each ratio in (0, 1]; errors name the parameter."""
+    from fractions import Fraction
+
+    try:
+        out = [float(Fraction(x.strip())) for x in text.split(",") if x.strip()]
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"{name} must be a comma list of ratios such as 4/12,8/12,1, got {text!r}") from None
+    if not out or any(not 0 < r <= 1 for r in out):
+        raise ValueError(f"{name} must hold ratios in (0, 1], got {text!r}")
+    return out
+
+
 def _check_size(input_size: Sequence[int]) -> tuple[int, int]:
     h, w = (int(v) for v in input_size)
     if h % 32 or w % 32 or h <= 0 or w <= 0:
