@@ -170,3 +170,10 @@ def test_derive_bad_input() -> None:
         derive_arch(a, [torch.zeros(5, 2), b[1]], r, lasts=[2], fch=4, width_mult_list=(0.5, 0.75, 1.0))
     with pytest.raises(ValueError, match="integer channel multiplier"):
         derive_arch(a, b, r, lasts=[2, 1], fch=4, width_mult_list=(1 / 3, 2 / 3, 1.0), stem_head_width=(1.0, 1.0))
+
+
+def test_summary_lists_spec_8_4_layers() -> None:
+    text = ArchSpec.load(ARCHS / "fasterseg_student.json").summary()
+    assert "   3 conv_downup      1/8   32 ->  128  stride 2" in text
+    assert "   8 conv_2x_downup  1/16  192 ->  128  stride 1" in text
+    assert text.count("\n") == 1 + 2 + 10 + 9 - 1

@@ -74,6 +74,20 @@ class ArchSpec:
     def lasts(self) -> list[int]:
         return [b.last for b in self.branches]
 
+    def summary(self) -> str:
+        """A readable layer table per branch: op, rate, channels (s * chi) and stride (spec §8.4 layout)."""
+        names = {0: "1/8", 1: "1/16", 2: "1/32"}
+        lines = [f"{self.name}: fch {self.fch}, stem {8 * self.stem_chi} ch, head chi {self.head_chi}, branches {self.lasts}"]
+        for branch in self.branches:
+            lines.append(f"branch ending at {names[branch.last]} ({len(branch.ops)} layers)")
+            n = len(branch.ops)
+            for l, (op, p, d) in enumerate(zip(branch.ops, branch.path, branch.downs)):
+                s = 8 * 2**p
+                c_in = s * (self.stem_chi if l == 0 else branch.chis[l - 1])
+                c_out = s * self.head_chi if l == n - 1 else s * (1 + d) * branch.chis[l]
+                lines.append(f"  {l:2d} {op:15s} {names[p]:>4s} {c_in:4d} -> {c_out:4d}  stride {1 + d}")
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         return {"format": ARCH_FORMAT, "version": ARCH_VERSION, **d}
