@@ -1,0 +1,179 @@
+"""What a network costs: parameters, multiply-accumulates, FLOPs and latency.
+
+Three different numbers hide behind the word "FLOPs" in the segmentation literature, so each
+function here says which one it returns (DESIGN.md, *Counting*):
+
+- :func:`count_macs`: conv and linear multiply-accumulates of one eval-mode forward of a
+  ``1 x 3 x H x W`` image (weight elements x output pixels). FasterSeg's "27 G FLOPs" and the
+  HRNet README's "GFLOPs" are this number.
+- :func:`count_flops`: what ``torch.utils.flop_counter.FlopCounterMode`` counts: 2 per
+  multiply-accumulate of every matmul-like op (conv, linear, bmm, ...), so OCR's attention
+  products appear here and not in the MACs.
+- :func:`inference_parameters`: parameters of the modules that take part in an eval forward;
+  auxiliary heads (not run in eval) and FFM's attention (never run in FasterSeg) are left out.
+
+Counting runs on whatever device the model lives on; build large models under
+``torch.device("meta")`` and nothing is allocated or computed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from fasterkd.utils import parse_size, pick_device
+
+_COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _dummy_input(model: nn.Module, size: tuple[int, int] | str) -> torch.Tensor:
+    h, w = parse_size(size, "size")
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {h}x{w}")
+    return torch.zeros(1, 3, h, w, device=_model_device(model))
+
+
+class _EvalForward:
+    """Run one eval-mode, no-grad forward with hooks; restore the training flag afterwards."""
+
+    def __init__(self, model: nn.Module, size: tuple[int, int] | str) -> None:
+        self.model, self.x = model, _dummy_input(model, size)
+
+    def run(self, hook) -> None:
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+        was = self.model.training
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                self.model(self.x)
+        finally:
+            self.model.train(was)
+            for h in handles:
+                h.remove()
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """All parameters of ``model`` (shared tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def inference_parameters(model: nn.Module, size: tuple[int, int] | str = (256, 512)) -> int:
+    """Parameters owned by the modules that run in an eval forward at ``size`` (HxW)."""
+    ran: list[nn.Module] = []
+    _EvalForward(model, size).run(lambda m, i, o: ran.append(m))
+    seen: set[int] = set()
+    total = 0
+    for m in ran:
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+    return total
+
+
+def _out_elements_per_channel(out: torch.Tensor, m: nn.Module) -> int:
+    if isinstance(m, nn.Linear):
+        return out.numel() // m.out_features  # rows that each saw the full weight
+    return out[0, 0].numel() * out.shape[0]  # spatial positions x batch
+
+
+def count_macs(model: nn.Module, size: tuple[int, int] | str = (1024, 2048)) -> int:
+    """Conv + linear multiply-accumulates of one eval forward of a 1x3xHxW image.
+
+    Per layer: weight elements x output positions (the official FasterSeg/HRNet rule), so a
+    grouped or depthwise conv counts its reduced weight; biases, BatchNorm, interpolation and
+    activations are not multiply-accumulates of a weight and are left out.
+    """
+    total = 0
+
+    def hook(m: nn.Module, inputs: Any, out: Any) -> None:
+        nonlocal total
+        if isinstance(m, _COUNTED) and isinstance(out, torch.Tensor):
+            total += m.weight.numel() * _out_elements_per_channel(out, m)
+
+    _EvalForward(model, size).run(hook)
+    return int(total)
+
+
+def count_flops(model: nn.Module, size: tuple[int, int] | str = (1024, 2048)) -> int:
+    """FLOPs of one eval forward as ``torch.utils.flop_counter`` counts them (2 per MAC of matmul-like ops)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = _dummy_input(model, size)
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        model.train(was)
+    return int(counter.get_total_flops())
+
+
+def model_cost(model: nn.Module, size: tuple[int, int] | str = (1024, 2048)) -> dict[str, int]:
+    """``{"params", "params_inference", "macs", "flops"}`` of ``model`` at input ``size`` (HxW)."""
+    return {
+        "params": count_parameters(model),
+        "params_inference": inference_parameters(model, size),
+        "macs": count_macs(model, size),
+        "flops": count_flops(model, size),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(model: nn.Module, size: tuple[int, int] | str, device: str | torch.device = "auto",
+                    warmup: int = 5, repeats: int = 20, batch: int = 1) -> dict[str, Any]:
+    """Eval-mode latency of one forward: ``warmup`` untimed runs, then the median of ``repeats`` runs.
+
+    Each timed run is bracketed by device synchronisation, so CUDA times are the kernels' and not
+    the launch's. Returns milliseconds: ``{"median_ms", "mean_ms", "min_ms", "max_ms", "repeats",
+    "warmup", "device", "input"}``. The model is moved to ``device``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    h, w = parse_size(size, "size")
+    dev = pick_device(device)
+    model = model.to(dev).eval()
+    x = torch.randn(batch, 3, h, w, device=dev)
+    times: list[float] = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            _sync(dev)
+            start = time.perf_counter()
+            model(x)
+            _sync(dev)
+            if i >= warmup:
+                times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "median_ms": statistics.median(times),
+        "mean_ms": statistics.fmean(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "repeats": repeats,
+        "warmup": warmup,
+        "device": str(dev),
+        "input": [batch, 3, h, w],
+    }
