@@ -354,7 +354,8 @@ def test_data_notebook_runs_with_the_smoke_profile(tmp_path):
         'profile = "quick"', 'run_dir = "../runs/book-quick"', 'data_root = ""', 'device = "auto"']
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb["cells"] if c["cell_type"] == "code")
     out = tmp_path / "out.ipynb"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTERKD_CACHE": str(tmp_path / "cache"), "MPLBACKEND": "Agg"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTERKD_CACHE": str(tmp_path / "cache")}
+    env.pop("MPLBACKEND", None)  # the kernel's inline backend must draw the figures
     proc = subprocess.run([sys.executable, "-m", "papermill", "notebooks/00_data.ipynb", str(out), "-p", "profile", "smoke",
                            "-p", "run_dir", str(tmp_path / "run"), "--cwd", "notebooks", "-k", "python3"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)

@@ -109,9 +109,11 @@ def legend_figure():
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    fig = plt.figure(figsize=(10, 1.0))
+    # drawn in an (invisible) axes: Jupyter's inline backend does not display a figure without axes
+    fig, ax = plt.subplots(figsize=(10, 1.0))
+    ax.set_axis_off()
     handles = [Patch(facecolor=PALETTE[i] / 255.0, edgecolor="black", label=name) for i, name in enumerate(CLASS_NAMES)]
-    fig.legend(handles=handles, loc="center", ncol=10, fontsize=8, frameon=False)
+    ax.legend(handles=handles, loc="center", ncol=10, fontsize=8, frameon=False)
     return fig
 
 
