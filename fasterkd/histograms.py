@@ -439,7 +439,7 @@ def make_controls(checkpoints: Sequence[str], bins_options: Sequence[int] = DEFA
     return Controls(path, ck, cn, b)
 
 
-def _nested_stack(levels: Sequence[tuple[Any, int]], leaf) -> Any:
+def _nested_stack(levels: Sequence[tuple[Any, int]], leaf, links: list[Any]) -> Any:
     """A Stack per level whose children are the next level; each level's selected_index is
     jslink-ed to that level's control index (the link runs in the browser without a kernel)."""
     import ipywidgets as w
@@ -450,7 +450,7 @@ def _nested_stack(levels: Sequence[tuple[Any, int]], leaf) -> Any:
         control, n = levels[depth]
         children = [build(depth + 1, chosen + (i,)) for i in range(n)]
         stack = w.Stack(children=children, selected_index=int(control.index))
-        w.jslink((control, "index"), (stack, "selected_index"))
+        links.append(w.jslink((control, "index"), (stack, "selected_index")))
         return stack
 
     return build(0, ())
@@ -466,6 +466,8 @@ class StaticFAWidget:
     bins_options: list[int]
     frames: dict[tuple[str, bool, str, int], bytes]
     counts: dict[tuple[str, bool, str, int], Any]
+    stack: Any = None
+    links: list[Any] = field(default_factory=list)
 
     def current_key(self) -> tuple[str, bool, str, int]:
         return self.controls.selection(self.checkpoints, self.bins_options)
@@ -496,10 +498,11 @@ def static_widget(data: FAHistograms, bins_options: Sequence[int] = DEFAULT_BINS
 
     levels = [(controls.path, len(PATH_LABELS)), (controls.checkpoint, len(cks)), (controls.convnorm, 2),
               (controls.bins, len(bins_options))]
-    stack = _nested_stack(levels, leaf)
+    links: list[Any] = []
+    stack = _nested_stack(levels, leaf, links)
     box = w.VBox([w.HBox([controls.path, controls.checkpoint]), w.HBox([controls.convnorm, controls.bins]), stack])
     box.add_class("fasterkd-fa-histograms")
-    return StaticFAWidget(box, controls, cks, bins_options, frames, counts)
+    return StaticFAWidget(box, controls, cks, bins_options, frames, counts, stack, links)
 
 
 @dataclass
@@ -537,6 +540,7 @@ def live_widget(data: FAHistograms, bins_options: Sequence[int] = DEFAULT_BINS, 
     controls = make_controls(data.checkpoints, bins_options, checkpoint, convnorm, bins)
     image = w.Image(format="png")
     box = w.VBox([w.HBox([controls.path, controls.checkpoint]), w.HBox([controls.convnorm, controls.bins]), image])
+    box.add_class("fasterkd-fa-histograms-live")
     live = LiveFAWidget(box, controls, data, bins_options, image, dpi)
     for c in controls.all():
         c.observe(live.update, names="index")
