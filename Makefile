@@ -1,20 +1,34 @@
 # fasterkd: two commands do everything on a fresh machine.
 #   make book   create .venv, install, fetch the book's browser assets, run the notebooks, build the book
 #   make test   the same set-up plus headless Chromium, then the test suite
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
+# Options: make book PROFILE=quick|smoke|paper DATA=/path/to/cityscapes DEVICE=auto|cpu|cuda
+#          make book FORCE=1 (re-run every notebook), make book ONLY=06_fa_histograms
+SHELL   := /bin/bash
+PYTHON  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
 PROFILE ?= quick
-DATA   ?=
-DEVICE ?= auto
-RUN    ?= runs/book-$(PROFILE)
-STAMPS := .stamps
+DATA    ?=
+DEVICE  ?= auto
+RUN     ?= runs/book-$(PROFILE)
+ONLY    ?=
+FORCE   ?=
+STAMPS  := .stamps
+VENDOR  := book/_vendor
+NPM_DIR := $(STAMPS)/npm
 
-.PHONY: book test venv assets browser clean help
+# Browser assets served by the book itself (no CDN at view time), pinned.
+HTML_MANAGER := @jupyter-widgets/html-manager@1.0.15
+REQUIREJS    := requirejs@2.3.8
+MATHJAX      := mathjax@3.2.2
+
+.PHONY: help book test test-fast venv assets browser clean distclean
 help:
-	@echo "make book [PROFILE=quick|smoke|paper] [DATA=/path/to/cityscapes] [DEVICE=auto|cpu|cuda]"
-	@echo "make test"
+	@echo "make book [PROFILE=quick|smoke|paper] [DATA=/path/to/cityscapes] [DEVICE=auto|cpu|cuda] [FORCE=1] [ONLY=name]"
+	@echo "make test      everything incl. notebooks (smoke), the book build and headless Chromium"
+	@echo "make test-fast unit tests only (-m 'not slow')"
 
+# --- Python environment: rebuilt when pyproject.toml changes --------------------------------
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,5 +38,49 @@ $(STAMPS)/venv: pyproject.toml
 
 venv: $(STAMPS)/venv
 
-test: $(STAMPS)/venv
-	$(PY) -m pytest -q
+# --- MathJax, require.js and the ipywidgets HTML manager from the npm registry --------------
+# Unpacked into book/_vendor (gitignored), NOT book/_static: Jupyter Book 1 injects every
+# .js/.css under _static into every page, which loaded the widget manager twice.
+$(STAMPS)/assets: Makefile
+	@command -v npm >/dev/null || { echo "npm is needed to fetch the book's browser assets (apt-get install npm)"; exit 1; }
+	rm -rf $(NPM_DIR) $(VENDOR)
+	mkdir -p $(NPM_DIR) $(VENDOR)/widgets $(VENDOR)/mathjax
+	cd $(NPM_DIR) && npm pack --silent $(HTML_MANAGER) $(REQUIREJS) $(MATHJAX) >/dev/null
+	cd $(NPM_DIR) && for t in *.tgz; do d=$${t%.tgz}; mkdir -p $$d && tar -xzf $$t -C $$d; done
+	cp $(NPM_DIR)/jupyter-widgets-html-manager-*/package/dist/embed-amd.js $(VENDOR)/widgets/
+	cp $(NPM_DIR)/jupyter-widgets-html-manager-*/package/dist/*.woff* $(VENDOR)/widgets/ 2>/dev/null || true
+	cp $(NPM_DIR)/requirejs-*/package/require.js $(VENDOR)/widgets/
+	# MathJax: the combined component, its loader-resolved extensions and the CHTML fonts
+	cp -r $(NPM_DIR)/mathjax-*/package/es5/. $(VENDOR)/mathjax/
+	rm -rf $(NPM_DIR)
+	@touch $@
+
+assets: $(STAMPS)/assets
+
+# --- Headless Chromium for the browser tests (Debian packages; CI runs as root) ------------
+browser:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+	  echo "chromium and chromedriver present"; \
+	else \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; \
+	fi
+
+# --- The book --------------------------------------------------------------------------------
+book: $(STAMPS)/venv $(STAMPS)/assets
+	$(PY) -m fasterkd.book --profile $(PROFILE) --run-dir $(RUN) --data-root "$(DATA)" --device $(DEVICE) \
+	  $(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force)
+
+# --- Tests: FASTERKD_MAKE_TEST=1 tells the browser test that Chromium must be there ----------
+test: $(STAMPS)/venv $(STAMPS)/assets browser
+	FASTERKD_MAKE_TEST=1 $(PY) -m pytest -q -rs --durations=15
+
+test-fast: $(STAMPS)/venv
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf _build book/executed
+
+distclean: clean
+	rm -rf $(VENV) $(STAMPS) $(VENDOR) runs

@@ -1,7 +1,627 @@
-"""Book runner (the book issue fills this module)."""
+"""The research book: run the ordered notebooks with papermill, then build the Jupyter Book.
+
+One runner serves ``make book``, ``python -m fasterkd.book``, ``fasterkd book`` and the tests::
+
+    run_book(profile="quick")          # notebooks/*.ipynb -> runs/book-quick -> book/executed -> _build/html
+
+Every notebook declares ``profile``, ``run_dir``, ``data_root`` and ``device`` in a cell tagged
+``parameters``; the runner passes the ones a notebook declares (papermill injects them after that
+cell). Artifacts flow between notebooks through ``run_dir``.
+
+**Skipping.** A notebook's key hashes its source cells, the parameters, the ``fasterkd/``
+sources and the key and run id of the notebook before it. A notebook whose key matches its
+last successful run (``run_dir/book_state.json``, written atomically after each notebook) is
+skipped. Because the chain carries the upstream run id, a notebook that ran re-runs every
+notebook after it, and a change re-runs that notebook and those after it only. A failed
+notebook is forgotten in the state, so the next call resumes there.
+
+**Failure.** :class:`NotebookFailed` names the notebook, the cell (index and ``In [n]``) and the
+exception; the partially executed copy is kept as ``run_dir/notebooks/<name>.failed.ipynb``.
+The command exits 1.
+
+**Build.** Executed notebooks (``injected-parameters`` and ``parameters`` cells tagged
+``remove-cell`` so the pages open on prose) are copied to ``book/executed/`` and
+``jupyter-book build book --config _config.yml -W --keep-going`` writes ``_build/html``.
+"""
+
+from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+PROFILES = ("smoke", "quick", "paper")
+#: the parameters every notebook may declare; the runner passes only those a notebook declares
+NOTEBOOK_PARAMETERS = ("profile", "run_dir", "data_root", "device")
+STATE_FILE = "book_state.json"
+STATE_VERSION = 1
+KERNEL = "python3"
+#: cell tags hidden in the published pages
+HIDDEN_TAGS = ("injected-parameters", "parameters")
+
+
+class NotebookFailed(RuntimeError):
+    """A notebook raised; names the notebook, the cell and the exception.
+
+    ``cell_index`` is the 0-based index of the failing cell in the *source* notebook
+    (``notebooks/<name>.ipynb``), ``exec_count`` its ``In [n]`` in the executed copy and
+    ``first_line`` the first line of its source.
+    """
+
+    def __init__(self, notebook: str, cell_index: int | None, exec_count: int | None, ename: str,
+                 evalue: str, output: Path | None, first_line: str = "") -> None:
+        self.notebook, self.cell_index, self.exec_count = notebook, cell_index, exec_count
+        self.ename, self.evalue, self.output, self.first_line = ename, evalue, output, first_line
+        where = "cell ?" if cell_index is None else f"cell {cell_index}"
+        if exec_count is not None:
+            where += f" (In [{exec_count}])"
+        if first_line:
+            where += f" `{first_line}`"
+        msg = f"notebook {notebook} failed at {where}: {ename}: {evalue}"
+        if output is not None:
+            msg += f"; executed copy: {output}"
+        super().__init__(msg)
+
+
+class BookBuildFailed(RuntimeError):
+    """``jupyter-book build -W`` returned non-zero (a warning counts as an error)."""
+
+
+@dataclass
+class NotebookRun:
+    """What happened to one notebook in :func:`run_book`."""
+
+    name: str
+    status: str  # "ran" | "skipped"
+    seconds: float
+    key: str
+    output: Path
+
+
+@dataclass
+class BookResult:
+    run_dir: Path
+    notebooks: list[NotebookRun] = field(default_factory=list)
+    html: Path | None = None
+    build_seconds: float | None = None
+
+    @property
+    def ran(self) -> list[str]:
+        return [n.name for n in self.notebooks if n.status == "ran"]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [n.name for n in self.notebooks if n.status == "skipped"]
+
+
+# --------------------------------------------------------------------------------------------
+# Keys
+# --------------------------------------------------------------------------------------------
+
+
+def _sha(obj: Any) -> str:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj, sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def package_hash(package_dir: str | os.PathLike = PACKAGE_DIR) -> str:
+    """Hash of every source file of the package (``*.py`` and data such as arch JSON), by path.
+
+    The runner itself (``book.py``) is left out: it does not change what a notebook computes.
+    """
+    package_dir = Path(package_dir)
+    h = hashlib.sha256()
+    for p in sorted(package_dir.rglob("*")):
+        if not p.is_file() or "__pycache__" in p.parts or p.suffix in (".pyc", ".pyo"):
+            continue
+        if p.relative_to(package_dir).as_posix() == "book.py":
+            continue
+        h.update(p.relative_to(package_dir).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(p.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def notebook_source_hash(path: str | os.PathLike) -> str:
+    """Hash of what a notebook *does*: cell types, sources and tags (not outputs or ids)."""
+    path = Path(path)
+    try:
+        nb = json.loads(path.read_text())
+        cells = [(c.get("cell_type"), "".join(c.get("source", "")), sorted(c.get("metadata", {}).get("tags", [])))
+                 for c in nb["cells"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{path}: not a readable .ipynb notebook ({type(e).__name__}: {e})") from e
+    return _sha(cells)
+
+
+def notebook_key(source_hash: str, parameters: dict[str, Any], pkg_hash: str, upstream: str) -> str:
+    """The chained key of one notebook: its source, its parameters, the package, its upstream."""
+    return _sha({"source": source_hash, "parameters": parameters, "package": pkg_hash, "upstream": upstream})
+
+
+# --------------------------------------------------------------------------------------------
+# State (run_dir/book_state.json)
+# --------------------------------------------------------------------------------------------
+
+
+def read_state(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / STATE_FILE
+    if not path.is_file():
+        return {"version": STATE_VERSION, "notebooks": {}}
+    try:
+        state = json.loads(path.read_text())
+    except ValueError:
+        print(f"book: {path} is unreadable; running every notebook", file=sys.stderr)
+        return {"version": STATE_VERSION, "notebooks": {}}
+    if state.get("version") != STATE_VERSION or not isinstance(state.get("notebooks"), dict):
+        return {"version": STATE_VERSION, "notebooks": {}}
+    return state
+
+
+def _write_state(run_dir: Path, state: dict[str, Any]) -> None:
+    from fasterkd.utils import atomic_write_json
+
+    atomic_write_json(run_dir / STATE_FILE, state)
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook execution
+# --------------------------------------------------------------------------------------------
+
+
+def list_notebooks(notebooks_dir: str | os.PathLike) -> list[Path]:
+    """``notebooks/*.ipynb`` in name order (checkpoints and hidden files left out)."""
+    notebooks_dir = Path(notebooks_dir)
+    if not notebooks_dir.is_dir():
+        raise FileNotFoundError(f"notebooks_dir {str(notebooks_dir)!r} is not a folder")
+    return sorted(p for p in notebooks_dir.glob("*.ipynb") if not p.name.startswith("."))
+
+
+def declared_parameters(path: Path) -> list[str]:
+    """Names assigned in the notebook's ``parameters``-tagged cell (papermill's parser)."""
+    import papermill
+
+    return list(papermill.inspect_notebook(str(path)).keys())
+
+
+def _select(notebooks: list[Path], only: str | Iterable[str] | None) -> set[str]:
+    names = [p.stem for p in notebooks]
+    if only is None:
+        return set(names)
+    wanted = [only] if isinstance(only, str) else list(only)
+    chosen = set()
+    for w in wanted:
+        w = Path(w).stem
+        hits = [n for n in names if n == w or n.startswith(w + "_") or n.split("_", 1)[0] == w]
+        if not hits:
+            raise ValueError(f"only={w!r} matches no notebook; expected one of {names}")
+        chosen.update(hits)
+    return chosen
+
+
+def _publishable(nb: dict[str, Any]) -> dict[str, Any]:
+    """A copy for the book: the parameter cells tagged ``remove-cell`` (pages open on prose)."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.get("cells", []):
+        tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+        if any(t in tags for t in HIDDEN_TAGS) and "remove-cell" not in tags:
+            tags.append("remove-cell")
+    return nb
+
+
+def _copy_for_book(executed: Path, dest: Path) -> None:
+    from fasterkd.utils import atomic_write_text
+
+    nb = json.loads(executed.read_text())
+    atomic_write_text(dest, json.dumps(_publishable(nb), indent=1, ensure_ascii=False) + "\n")
+
+
+#: cells papermill adds to the executed copy (not in the source notebook)
+_ADDED_TAGS = ("papermill-error-cell-tag", "injected-parameters")
+
+
+def _failure_info(err: BaseException, output: Path) -> tuple[int | None, int | None, str, str, str]:
+    """(source cell index, execution count, exception name, first line of the value, first source line)."""
+    cell, count, first = None, getattr(err, "exec_count", None), ""
+    ename = getattr(err, "ename", None) or type(err).__name__
+    evalue = str(getattr(err, "evalue", None) or err).strip()
+    try:  # the executed copy marks the failing cell; count only the cells of the source notebook
+        nb = json.loads(output.read_text())
+        source_cells = [c for c in nb["cells"] if not any(t in c.get("metadata", {}).get("tags", []) for t in _ADDED_TAGS)]
+        for i, c in enumerate(source_cells):
+            if c.get("metadata", {}).get("papermill", {}).get("status") == "failed":
+                cell, count = i, c.get("execution_count", count)
+                lines = "".join(c.get("source", "")).strip().splitlines()
+                first = lines[0][:80] if lines else ""
+                break
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return cell, count, str(ename), evalue.splitlines()[0] if evalue else "", first
+
+
+def execute_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd: Path,
+                     progress_bar: bool = False) -> None:
+    """Run one notebook with papermill into ``output`` atomically (temp file + rename).
+
+    On failure the partial copy is kept as ``<name>.failed.ipynb`` and :class:`NotebookFailed`
+    is raised.
+    """
+    import papermill
+    from papermill.exceptions import PapermillExecutionError
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.stem}.{uuid.uuid4().hex[:8]}.partial.ipynb")
+    failed = output.with_name(f"{output.stem}.failed.ipynb")
+    try:
+        papermill.execute_notebook(
+            str(source), str(tmp), parameters=parameters, kernel_name=KERNEL, cwd=str(cwd),
+            progress_bar=progress_bar, log_output=False, request_save_on_cell_execute=False,
+            # ipykernel warns about TCP transport at every start; keep errors only
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+        )
+    except PapermillExecutionError as e:
+        if tmp.exists():
+            os.replace(tmp, failed)
+        cell, count, ename, evalue, first = _failure_info(e, failed)
+        raise NotebookFailed(source.stem, cell, count, ename, evalue, failed if failed.exists() else None,
+                             first) from e
+    except Exception as e:  # a dead kernel, a timeout, a papermill error outside any cell
+        if tmp.exists():
+            os.replace(tmp, failed)
+        cell, count, _, _, first = _failure_info(e, failed)
+        raise NotebookFailed(source.stem, cell, count, type(e).__name__, str(e).strip().split("\n")[0],
+                             failed if failed.exists() else None, first) from e
+    except BaseException:  # Ctrl-C: leave nothing half-written behind
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, output)
+    failed.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# The runner
+# --------------------------------------------------------------------------------------------
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)  # progress lines appear at once under make and CI
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.1f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def run_book(
+    profile: str = "quick",
+    run_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike = "",
+    device: str = "auto",
+    only: str | Iterable[str] | None = None,
+    build: bool = True,
+    force: bool = False,
+    *,
+    notebooks_dir: str | os.PathLike | None = None,
+    book_dir: str | os.PathLike | None = None,
+    config: str | os.PathLike | None = None,
+    output_dir: str | os.PathLike | None = None,
+    package_dir: str | os.PathLike | None = None,
+    log=None,
+) -> BookResult:
+    """Execute ``notebooks/*.ipynb`` in name order into ``run_dir`` and build the book.
+
+    ``profile``: ``smoke`` (tests, seconds per notebook), ``quick`` (synthetic data on a 2-core
+    CPU; the default), ``paper`` (Cityscapes at ``data_root``, GPU). ``run_dir`` defaults to
+    ``runs/book-<profile>``. ``only`` (a name, its number prefix, or a list) runs just those
+    notebooks (their upstream artifacts must already be in ``run_dir``). ``force`` re-runs
+    every selected notebook. ``build=False`` stops after the notebooks.
+
+    Keyword-only paths (tests and other layouts): ``notebooks_dir`` (``notebooks/``),
+    ``book_dir`` (``book/``; executed copies go to ``<book_dir>/executed``), ``config``
+    (``_config.yml``), ``output_dir`` (the build writes ``<output_dir>/_build/html``; default
+    the repository root), ``package_dir`` (hashed into the keys; ``fasterkd/``).
+    """
+    log = log or _log
+    if profile not in PROFILES:
+        raise ValueError(f"profile must be one of {PROFILES}, got {profile!r}")
+    if not isinstance(device, str) or not device:
+        raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {device!r}")
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else ROOT / "notebooks"
+    book_dir = Path(book_dir) if book_dir is not None else ROOT / "book"
+    run_dir = Path(run_dir) if run_dir is not None else ROOT / "runs" / f"book-{profile}"
+    run_dir = run_dir.resolve()
+    data_root = str(Path(data_root).resolve()) if str(data_root) else ""
+    if data_root and not Path(data_root).is_dir():
+        raise FileNotFoundError(f"data_root {data_root!r} is not a folder (expected a Cityscapes root)")
+
+    notebooks = list_notebooks(notebooks_dir)
+    if not notebooks:
+        raise FileNotFoundError(f"no notebooks in {notebooks_dir}")
+    selected = _select(notebooks, only)
+    values = {"profile": profile, "run_dir": str(run_dir), "data_root": data_root, "device": device}
+    pkg = package_hash(package_dir if package_dir is not None else PACKAGE_DIR)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    executed_dir = book_dir / "executed"
+    executed_dir.mkdir(parents=True, exist_ok=True)
+    state = read_state(run_dir)
+    result = BookResult(run_dir=run_dir)
+    total = len(selected)
+    log(f"book: profile={profile} run_dir={run_dir} device={device} data_root={data_root or '(synthetic)'}; "
+        f"{total} of {len(notebooks)} notebooks selected")
+
+    upstream = ""
+    i = 0
+    t_all = time.perf_counter()
+    for nb in notebooks:
+        name = nb.stem
+        declared = declared_parameters(nb)
+        params = {k: values[k] for k in NOTEBOOK_PARAMETERS if k in declared}
+        key = notebook_key(notebook_source_hash(nb), params, pkg, upstream)
+        entry = state["notebooks"].get(name)
+        out = run_dir / "notebooks" / f"{name}.ipynb"
+        if name not in selected:
+            # not run now: the chain continues from what its last successful run recorded
+            upstream = _sha([entry["key"], entry["run_id"]]) if entry else _sha([key, "never-run"])
+            continue
+        i += 1
+        fresh = entry is not None and entry.get("key") == key and out.is_file() and not force
+        if fresh:
+            log(f"[{i}/{total}] {name}: unchanged, skipped (last run {_fmt_s(entry.get('seconds', 0.0))})")
+            status, seconds = "skipped", 0.0
+        else:
+            log(f"[{i}/{total}] {name}: running ...")
+            state["notebooks"].pop(name, None)  # forget it until it succeeds: a failure resumes here
+            _write_state(run_dir, state)
+            t0 = time.perf_counter()
+            try:
+                execute_notebook(nb, out, params, cwd=notebooks_dir.resolve(),
+                                 progress_bar=sys.stderr.isatty())
+            except NotebookFailed as e:
+                log(f"[{i}/{total}] {name}: FAILED after {_fmt_s(time.perf_counter() - t0)}")
+                raise e
+            seconds = time.perf_counter() - t0
+            entry = {"key": key, "run_id": uuid.uuid4().hex, "seconds": round(seconds, 2),
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parameters": params}
+            state["notebooks"][name] = entry
+            _write_state(run_dir, state)
+            status = "ran"
+            log(f"[{i}/{total}] {name}: done in {_fmt_s(seconds)}")
+        _copy_for_book(out, executed_dir / f"{name}.ipynb")
+        result.notebooks.append(NotebookRun(name, status, seconds, key, out))
+        upstream = _sha([entry["key"], entry["run_id"]])
+    log(f"book: notebooks finished in {_fmt_s(time.perf_counter() - t_all)} "
+        f"({len(result.ran)} ran, {len(result.skipped)} skipped)")
+
+    if build:
+        t0 = time.perf_counter()
+        result.html = build_book(book_dir, config=config, output_dir=output_dir,
+                                 notebooks_dir=notebooks_dir, log=log)
+        result.build_seconds = time.perf_counter() - t0
+        log(f"book: built {result.html / 'index.html'} in {_fmt_s(result.build_seconds)}")
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# The Jupyter Book build
+# --------------------------------------------------------------------------------------------
+
+
+def _page_exists(book_dir: Path, page: str) -> bool:
+    return any((book_dir / (page + ext)).is_file() for ext in ("", ".md", ".ipynb", ".rst"))
+
+
+def read_toc(book_dir: Path) -> dict[str, Any]:
+    """``<book_dir>/_toc.yml`` as a dict (a clear error when it is missing or malformed)."""
+    import yaml
+
+    toc_path = book_dir / "_toc.yml"
+    if not toc_path.is_file():
+        raise FileNotFoundError(f"{toc_path} not found (the book's table of contents)")
+    try:
+        toc = yaml.safe_load(toc_path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{toc_path}: not valid YAML ({e})") from e
+    if not isinstance(toc, dict) or not isinstance(toc.get("root"), str):
+        raise ValueError(f"{toc_path}: expected a jb-book mapping with a 'root' page")
+    return toc
+
+
+def toc_files(book_dir: Path) -> list[str]:
+    """Every ``file:``/``root:`` entry of ``<book_dir>/_toc.yml`` (paths without suffix)."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("root", "file") and isinstance(v, str):
+                    found.append(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(read_toc(book_dir))
+    return found
+
+
+def filter_toc(book_dir: Path, notebooks_dir: Path | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The table of contents restricted to the chapters that exist, and the pages left out.
+
+    A chapter ``executed/<name>`` whose notebook ``notebooks/<name>.ipynb`` has not been written
+    yet is left out (with its sub-sections), so the book builds with ``-W`` while chapters are
+    still being added. Any other missing page is an error: a notebook that exists but has no
+    executed copy, or a prose page named in the toc but absent.
+    """
+    notebooks_dir = notebooks_dir if notebooks_dir is not None else ROOT / "notebooks"
+    toc = copy.deepcopy(read_toc(book_dir))
+    dropped: list[str] = []
+    missing: list[str] = []
+
+    def keep(entry: Any) -> bool:
+        page = entry.get("file") if isinstance(entry, dict) else None
+        if page is None or _page_exists(book_dir, page):
+            return True
+        parts = Path(page).parts
+        if len(parts) == 2 and parts[0] == "executed" and not (notebooks_dir / f"{parts[1]}.ipynb").is_file():
+            dropped.append(page)
+        else:
+            missing.append(page)
+        return False
+
+    def prune(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k in ("chapters", "sections", "parts") and isinstance(v, list):
+                    v = [prune(e) for e in v if keep(e)]
+                    # an emptied part or section list would be invalid in the toc: drop the key
+                    v = [e for e in v if not (isinstance(e, dict) and "file" not in e and not e.get("chapters"))]
+                    if not v:
+                        continue
+                out[k] = v
+            return out
+        return node
+
+    if not _page_exists(book_dir, toc["root"]):
+        missing.append(toc["root"])
+    toc = prune(toc)
+    if missing:
+        raise FileNotFoundError(
+            f"{book_dir / '_toc.yml'} lists pages that do not exist: {missing} (executed chapters "
+            "appear under executed/ once `python -m fasterkd.book` has run their notebooks)")
+    return toc, dropped
+
+
+def _jupyter_book_command() -> list[str]:
+    exe = Path(sys.executable).with_name("jupyter-book")
+    if exe.is_file():
+        return [str(exe)]
+    found = shutil.which("jupyter-book")
+    if found:
+        return [found]
+    return [sys.executable, "-c", "import sys; from jupyter_book.cli.main import main; sys.exit(main())"]
+
+
+def build_book(book_dir: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+               output_dir: str | os.PathLike | None = None, notebooks_dir: str | os.PathLike | None = None,
+               log=None) -> Path:
+    """``jupyter-book build <book_dir> --config <config> -W --keep-going``; returns the html folder.
+
+    The table of contents is filtered to the chapters whose notebooks exist (:func:`filter_toc`)
+    and written to ``<output_dir>/_build/_toc.yml``; the book's ``_toc.yml`` stays untouched.
+    """
+    import yaml
+
+    log = log or _log
+    book_dir = Path(book_dir) if book_dir is not None else ROOT / "book"
+    config = Path(config) if config is not None else ROOT / "_config.yml"
+    output_dir = Path(output_dir) if output_dir is not None else ROOT
+    notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else ROOT / "notebooks"
+    if not config.is_file():
+        raise FileNotFoundError(f"config {str(config)!r} not found (the Jupyter Book _config.yml)")
+    toc, dropped = filter_toc(book_dir, notebooks_dir)
+    if dropped:
+        log(f"book: chapters without a notebook yet, left out of the toc: {', '.join(dropped)}")
+    listed = {Path(f).name for f in toc_files(book_dir) if f.startswith("executed/")}
+    unlisted = [p.stem for p in list_notebooks(notebooks_dir) if p.stem not in listed]
+    if unlisted:
+        log(f"book: notebooks not in {book_dir / '_toc.yml'} (executed but not published): {', '.join(unlisted)}")
+    vendor = book_dir / "_vendor"
+    if not (vendor / "widgets" / "embed-amd.js").is_file() or not (vendor / "mathjax" / "tex-mml-chtml.js").is_file():
+        raise FileNotFoundError(f"{vendor} lacks the browser assets (run `make assets`: widgets/embed-amd.js, "
+                                "widgets/require.js and mathjax/ from the npm registry)")
+    from fasterkd.utils import atomic_write_text
+
+    toc_path = (output_dir / "_build" / "_toc.yml").resolve()
+    atomic_write_text(toc_path, "# generated by fasterkd.book from book/_toc.yml (chapters that exist)\n"
+                      + yaml.safe_dump(toc, sort_keys=False))
+    html = output_dir / "_build" / "html"
+    cmd = _jupyter_book_command() + ["build", str(book_dir), "--config", str(config), "--toc", str(toc_path),
+                                     "--path-output", str(output_dir), "-W", "--keep-going", "--quiet"]
+    log("book: jupyter-book " + " ".join(cmd[-11:]))
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-40:])
+        raise BookBuildFailed(f"jupyter-book build failed (rc={proc.returncode}; warnings are errors):\n{tail}")
+    return html
+
+
+def stage_book(dest: str | os.PathLike, book_dir: str | os.PathLike | None = None) -> Path:
+    """Copy the book's sources (not ``executed/``) to ``dest``, linking the vendored assets.
+
+    Lets tests and side builds (another profile) publish without touching ``book/executed``.
+    """
+    book_dir = Path(book_dir) if book_dir is not None else ROOT / "book"
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in book_dir.iterdir():
+        if p.name in ("executed", "_vendor", "_build") or p.name.startswith("."):
+            continue
+        if p.is_dir():
+            shutil.copytree(p, dest / p.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(p, dest / p.name)
+    link = dest / "_vendor"
+    if not link.exists() and (book_dir / "_vendor").exists():
+        link.symlink_to((book_dir / "_vendor").resolve(), target_is_directory=True)
+    return dest
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `python -m fasterkd.book` and `fasterkd book`
+# --------------------------------------------------------------------------------------------
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", choices=PROFILES, default="quick", help="smoke | quick (default) | paper")
+    p.add_argument("--run-dir", default=None, help="run folder (default runs/book-<profile>)")
+    p.add_argument("--data-root", default="", help="Cityscapes root; empty = the embedded synthetic scenes")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--only", action="append", default=None,
+                   help="run only this notebook (name or number prefix; repeatable)")
+    p.add_argument("--force", action="store_true", help="re-run the selected notebooks even when unchanged")
+    p.add_argument("--no-build", dest="build", action="store_false", help="run the notebooks, skip jupyter-book")
+
+
+def _cmd_book(args: argparse.Namespace) -> int:
+    try:
+        run_book(profile=args.profile, run_dir=args.run_dir, data_root=args.data_root, device=args.device,
+                 only=args.only, build=args.build, force=args.force)
+    except (NotebookFailed, BookBuildFailed) as e:
+        print(f"book: error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def add_book_command(sub: "argparse._SubParsersAction") -> None:
-    """Register ``fasterkd book`` (filled by the book issue)."""
+    """Register ``fasterkd book`` (same code as ``python -m fasterkd.book``)."""
+    p = sub.add_parser("book", help="run the notebooks with papermill and build the Jupyter Book",
+                       description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    p.set_defaults(func=_cmd_book)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fasterkd.book", description=__doc__.split("\n\n")[0])
+    _add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return _cmd_book(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"book: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
