@@ -81,10 +81,20 @@ def _own_fa_book(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def fa_html(request, tmp_path_factory) -> Path:
+    from fasterkd.histograms import CHECKPOINT_NOTEBOOKS
+
     _chromium()
-    try:
-        built = request.getfixturevalue("smoke_book")
-    except pytest.FixtureLookupError:
+    # The whole smoke book once the chapters that train the checkpoints (03-05) exist; until then
+    # a one-chapter book of notebook 06 on checkpoints trained here.
+    upstream = {f"{n}.ipynb" for n in CHECKPOINT_NOTEBOOKS.values()}
+    have = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
+    built = None
+    if upstream <= have:
+        try:
+            built = request.getfixturevalue("smoke_book")
+        except pytest.FixtureLookupError:
+            built = None
+    if built is None:
         tmp = tmp_path_factory.mktemp("fa_book")
         old = os.environ.get("FASTERKD_CACHE")
         os.environ["FASTERKD_CACHE"] = str(tmp / "cache")
