@@ -312,6 +312,22 @@ def test_write_synthetic_is_byte_identical_for_the_same_seed(tmp_path):
         write_synthetic(a, n=1, size="32")
 
 
+def test_ensure_synthetic_completes_a_partial_set_and_refuses_another_recipe(tmp_path):
+    from fasterkd.data.synthetic import ensure_synthetic
+
+    root = tmp_path / "synth"
+    ensure_synthetic(root, {"train": 2, "val": 1}, size=(24, 48), seed=3)
+    files = sorted(root.rglob("*.png"))
+    assert len(files) == 6 and json.loads((root / "synthetic.json").read_text())["size"] == [24, 48]
+    before = {f: f.read_bytes() for f in files}
+    files[0].unlink()  # as a killed run would leave it
+    ensure_synthetic(root, {"train": 3, "val": 1}, size=(24, 48), seed=3)
+    assert all(f.read_bytes() == b for f, b in before.items())
+    assert len(build_dataset(root, "train")) == 3 and len(build_dataset(root, "val")) == 1
+    with pytest.raises(ValueError, match=r"holds synthetic scenes of size \[24, 48\] seed 3, expected size \[32, 64\] seed 3"):
+        ensure_synthetic(root, {"train": 1}, size=(32, 64), seed=3)
+
+
 def test_cli_synth_then_check_reads_the_cityscapes_layout(tmp_path, capsys):
     out = tmp_path / "synth"
     assert cli.main(["data", "synth", "--out", str(out), "--n", "5", "--size", "48x80", "--split", "val", "--seed", "2"]) == 0
