@@ -16,7 +16,8 @@ notebook after it, and a change re-runs that notebook and those after it only. A
 notebook is forgotten in the state, so the next call resumes there.
 
 **Failure.** :class:`NotebookFailed` names the notebook, the cell (index and ``In [n]``) and the
-exception; the partially executed copy is kept as ``run_dir/notebooks/<name>.failed.ipynb``.
+exception; the partially executed copy is kept as ``run_dir/notebooks/<name>.failed.ipynb`` and
+the notebook's previous output (and published copy) is removed, since it no longer matches.
 The command exits 1.
 
 **Build.** Executed notebooks (``injected-parameters`` and ``parameters`` cells tagged
@@ -387,6 +388,10 @@ def run_book(
                 execute_notebook(nb, out, params, cwd=notebooks_dir.resolve(),
                                  progress_bar=sys.stderr.isatty())
             except NotebookFailed as e:
+                # the last good output belongs to a different source or upstream: drop it (and its
+                # published copy) so nothing reads it; the partial run is in <name>.failed.ipynb
+                out.unlink(missing_ok=True)
+                (executed_dir / f"{name}.ipynb").unlink(missing_ok=True)
                 log(f"[{i}/{total}] {name}: FAILED after {_fmt_s(time.perf_counter() - t0)}")
                 raise e
             seconds = time.perf_counter() - t0
