@@ -29,7 +29,7 @@ from fasterkd.histograms import (
     render_png,
     static_widget,
 )
-from fasterkd.losses import PATH_PAIRS, PathConvNorm, fa_loss
+from fasterkd.losses import PathConvNorm, fa_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 
