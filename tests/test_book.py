@@ -253,6 +253,29 @@ def test_repository_toc_lists_every_notebook_in_order():
     assert set(existing) <= set(chapters), f"notebooks missing from book/_toc.yml: {set(existing) - set(chapters)}"
 
 
+# ------------------------------------------------------------------------------ the real notebooks
+
+REAL_NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+CONVENTION = {"profile": "'quick'", "run_dir": "'../runs/book-quick'", "data_root": "''", "device": "'auto'"}
+
+
+@pytest.mark.parametrize("path", REAL_NOTEBOOKS, ids=[p.stem for p in REAL_NOTEBOOKS])
+def test_source_notebook_follows_the_convention(path):
+    """A ``parameters`` cell with the documented defaults (each name it declares), no outputs."""
+    import papermill
+
+    declared = papermill.inspect_notebook(str(path))
+    assert {"profile", "run_dir", "device"} <= set(declared), f"{path.name}: parameters cell lacks a name"
+    for name, info in declared.items():
+        if name in CONVENTION:
+            assert info["default"].replace('"', "'") == CONVENTION[name], f"{path.name}: {name} = {info['default']}"
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), \
+        f"{path.name} is committed with outputs (clear them; executed copies are build products)"
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
+
+
 # ------------------------------------------------------------------------------ the real book
 
 
