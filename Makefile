@@ -50,8 +50,10 @@ $(STAMPS)/assets: Makefile
 	cp $(NPM_DIR)/jupyter-widgets-html-manager-*/package/dist/embed-amd.js $(VENDOR)/widgets/
 	cp $(NPM_DIR)/jupyter-widgets-html-manager-*/package/dist/*.woff* $(VENDOR)/widgets/ 2>/dev/null || true
 	cp $(NPM_DIR)/requirejs-*/package/require.js $(VENDOR)/widgets/
-	# MathJax: the combined component, its loader-resolved extensions and the CHTML fonts
-	cp -r $(NPM_DIR)/mathjax-*/package/es5/. $(VENDOR)/mathjax/
+	# MathJax: the combined TeX+MathML/CHTML component and the folders it loads from at view
+	# time (TeX extensions, CHTML fonts, menu, accessibility); the other builds are not needed
+	cp $(NPM_DIR)/mathjax-*/package/es5/tex-mml-chtml.js $(VENDOR)/mathjax/
+	cd $(NPM_DIR)/mathjax-*/package/es5 && cp -r input output a11y ui sre adaptors $(CURDIR)/$(VENDOR)/mathjax/
 	rm -rf $(NPM_DIR)
 	@touch $@
 
