@@ -245,6 +245,31 @@ def test_filter_toc_drops_chapters_without_notebooks_and_empty_parts(tmp_path):
         filter_toc(bk, nbs)
 
 
+def test_tiny_book_builds_and_a_warning_fails_the_build(tiny):
+    """run_book(build=True) publishes the executed notebooks; under -W a broken reference is an error."""
+    from conftest import assets_or_skip
+
+    from fasterkd.book import BookBuildFailed
+
+    assets_or_skip()
+    root = tiny["root"]
+    bk = root / "book"
+    bk.mkdir()
+    (bk / "_vendor").symlink_to((ROOT / "book" / "_vendor").resolve(), target_is_directory=True)
+    (bk / "references.bib").write_text((ROOT / "book" / "references.bib").read_text())
+    (bk / "intro.md").write_text("# Tiny\n\n$$a^2 + b^2 = c^2$$\n")
+    (bk / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: executed/01_a\n"
+                                 "  - file: executed/02_b\n  - file: executed/03_c\n  - file: executed/04_later\n")
+    r = tiny["run"](build=True, output_dir=root)
+    assert r.html == root / "_build" / "html"
+    assert sorted(p.name for p in (r.html / "executed").glob("*.html")) == ["01_a.html", "02_b.html", "03_c.html"]
+    assert any("left out of the toc: executed/04_later" in s for s in tiny["lines"])
+
+    (bk / "intro.md").write_text("# Tiny\n\nSee {doc}`no_such_page`.\n")
+    with pytest.raises(BookBuildFailed, match="no_such_page"):
+        tiny["run"](build=True, output_dir=root)
+
+
 def test_repository_toc_lists_every_notebook_in_order():
     """book/_toc.yml names the executed copy of each notebook in notebooks/, in the runner's order."""
     chapters = [Path(f).name for f in book.toc_files(ROOT / "book") if f.startswith("executed/")]
