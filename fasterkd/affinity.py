@@ -73,8 +73,12 @@ def normalize_pixels(x: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def pixel_rows(x: Tensor) -> Tensor:
-    """(B, C, H, W) -> contiguous (B, H*W, C) rows, pixel index i = h*W + w."""
-    return x.flatten(2).transpose(1, 2).contiguous()
+    """(B, C, H, W) -> (B, H*W, C) rows, pixel index i = h*W + w.
+
+    A transposed *view*, not a copy: at the 1/4 path every copy of a batch of maps costs as much
+    as the tiled kernel's whole working set, so the kernels copy one image at a time instead.
+    """
+    return x.flatten(2).transpose(1, 2)
 
 
 def prepare_rows(
@@ -199,8 +203,10 @@ class _TiledFA(torch.autograd.Function):
         # phi = sign(D) (q=1) or 2D (q=2); dL/dA = +(2/N^2) phi A, dL/dB = -(2/N^2) phi B, each
         # divided by the batch size (batch mean). phi V is accumulated for V = [A, B] or B only.
         scale = grad_out.to(torch.float64) * (2.0 * (2.0 if q == 2 else 1.0) / (n * n * nb))
-        grad_a = torch.zeros_like(a, dtype=acc) if need_a else None
-        grad_b = torch.zeros_like(b, dtype=acc) if need_b else None
+        # Gradients are allocated (B, C, N) and returned as (B, N, C) views: the rows are views of
+        # (B, C, H, W) maps (pixel_rows), so autograd hands them back with no transposing copy.
+        grad_a = a.new_empty(nb, ct, n, dtype=acc).transpose(1, 2) if need_a else None
+        grad_b = b.new_empty(nb, b.shape[2], n, dtype=acc).transpose(1, 2) if need_b else None
         for img in range(nb):
             x = torch.cat([a[img], b[img]], dim=1)
             y = torch.cat([a[img], -b[img]], dim=1)
@@ -227,8 +233,9 @@ class _TiledFA(torch.autograd.Function):
             else:
                 grad_b[img] = -g
         s = scale.to(acc)
-        ga = (grad_a * s).to(a.dtype) if need_a else None
-        gb = (grad_b * s).to(b.dtype) if need_b else None
+        # in place: a scaled copy of the gradients would be one more batch of maps at the peak
+        ga = grad_a.mul_(s).to(a.dtype) if need_a else None
+        gb = grad_b.mul_(s).to(b.dtype) if need_b else None
         return ga, gb, None, None
 
 
