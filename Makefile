@@ -2,7 +2,8 @@
 #   make book   create .venv, install, fetch the book's browser assets, run the notebooks, build the book
 #   make test   the same set-up plus headless Chromium, then the test suite
 # Options: make book PROFILE=quick|smoke|paper DATA=/path/to/cityscapes DEVICE=auto|cpu|cuda
-#          make book FORCE=1 (re-run every notebook), make book ONLY=06_fa_histograms
+#          make book FORCE=1 (re-run every notebook), make book ONLY=06_fa_histograms,
+#          make book DRY=1 (list what would run)
 SHELL   := /bin/bash
 PYTHON  ?= python3
 VENV    := .venv
@@ -13,6 +14,7 @@ DEVICE  ?= auto
 RUN     ?= runs/book-$(PROFILE)
 ONLY    ?=
 FORCE   ?=
+DRY     ?=
 STAMPS  := .stamps
 VENDOR  := book/_vendor
 NPM_DIR := $(STAMPS)/npm
@@ -24,7 +26,7 @@ MATHJAX      := mathjax@3.2.2
 
 .PHONY: help book test test-fast venv assets browser clean distclean
 help:
-	@echo "make book [PROFILE=quick|smoke|paper] [DATA=/path/to/cityscapes] [DEVICE=auto|cpu|cuda] [FORCE=1] [ONLY=name]"
+	@echo "make book [PROFILE=quick|smoke|paper] [DATA=/path/to/cityscapes] [DEVICE=auto|cpu|cuda] [FORCE=1] [ONLY=name] [DRY=1]"
 	@echo "make test      everything incl. notebooks (smoke), the book build and headless Chromium"
 	@echo "make test-fast unit tests only (-m 'not slow')"
 
@@ -72,7 +74,7 @@ browser:
 # --- The book --------------------------------------------------------------------------------
 book: $(STAMPS)/venv $(STAMPS)/assets
 	$(PY) -m fasterkd.book --profile $(PROFILE) --run-dir $(RUN) --data-root "$(DATA)" --device $(DEVICE) \
-	  $(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force)
+	  $(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force) $(if $(DRY),--dry-run)
 
 # --- Tests: FASTERKD_MAKE_TEST=1 tells the browser test that Chromium must be there ----------
 test: $(STAMPS)/venv $(STAMPS)/assets browser

@@ -85,7 +85,7 @@ class NotebookRun:
     """What happened to one notebook in :func:`run_book`."""
 
     name: str
-    status: str  # "ran" | "skipped"
+    status: str  # "ran" | "skipped" | "would run" (dry run)
     seconds: float
     key: str
     output: Path
@@ -312,6 +312,7 @@ def run_book(
     build: bool = True,
     force: bool = False,
     *,
+    dry_run: bool = False,
     notebooks_dir: str | os.PathLike | None = None,
     book_dir: str | os.PathLike | None = None,
     config: str | os.PathLike | None = None,
@@ -325,7 +326,8 @@ def run_book(
     CPU; the default), ``paper`` (Cityscapes at ``data_root``, GPU). ``run_dir`` defaults to
     ``runs/book-<profile>``. ``only`` (a name, its number prefix, or a list) runs just those
     notebooks (their upstream artifacts must already be in ``run_dir``). ``force`` re-runs
-    every selected notebook. ``build=False`` stops after the notebooks.
+    every selected notebook. ``build=False`` stops after the notebooks. ``dry_run=True`` only
+    reports which notebooks would run (``status`` ``"would run"``) and writes nothing.
 
     Keyword-only paths (tests and other layouts): ``notebooks_dir`` (``notebooks/``),
     ``book_dir`` (``book/``; executed copies go to ``<book_dir>/executed``), ``config``
@@ -351,9 +353,10 @@ def run_book(
     selected = _select(notebooks, only)
     values = {"profile": profile, "run_dir": str(run_dir), "data_root": data_root, "device": device}
     pkg = package_hash(package_dir if package_dir is not None else PACKAGE_DIR)
-    run_dir.mkdir(parents=True, exist_ok=True)
     executed_dir = book_dir / "executed"
-    executed_dir.mkdir(parents=True, exist_ok=True)
+    if not dry_run:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        executed_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(run_dir)
     result = BookResult(run_dir=run_dir)
     total = len(selected)
@@ -376,6 +379,11 @@ def run_book(
             continue
         i += 1
         fresh = entry is not None and entry.get("key") == key and out.is_file() and not force
+        if dry_run:
+            log(f"[{i}/{total}] {name}: " + ("unchanged, would be skipped" if fresh else "would run"))
+            result.notebooks.append(NotebookRun(name, "skipped" if fresh else "would run", 0.0, key, out))
+            upstream = _sha([entry["key"], entry["run_id"]]) if fresh else _sha([key, "would-run"])
+            continue
         if fresh:
             log(f"[{i}/{total}] {name}: unchanged, skipped (last run {_fmt_s(entry.get('seconds', 0.0))})")
             status, seconds = "skipped", 0.0
@@ -404,6 +412,10 @@ def run_book(
         _copy_for_book(out, executed_dir / f"{name}.ipynb")
         result.notebooks.append(NotebookRun(name, status, seconds, key, out))
         upstream = _sha([entry["key"], entry["run_id"]])
+    if dry_run:
+        would = sum(n.status == "would run" for n in result.notebooks)
+        log(f"book: dry run: {would} would run, {len(result.skipped)} would be skipped")
+        return result
     log(f"book: notebooks finished in {_fmt_s(time.perf_counter() - t_all)} "
         f"({len(result.ran)} ran, {len(result.skipped)} skipped)")
 
@@ -597,12 +609,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run only this notebook (name or number prefix; repeatable)")
     p.add_argument("--force", action="store_true", help="re-run the selected notebooks even when unchanged")
     p.add_argument("--no-build", dest="build", action="store_false", help="run the notebooks, skip jupyter-book")
+    p.add_argument("--dry-run", action="store_true", help="list which notebooks would run or be skipped; run nothing")
 
 
 def _cmd_book(args: argparse.Namespace) -> int:
     try:
         run_book(profile=args.profile, run_dir=args.run_dir, data_root=args.data_root, device=args.device,
-                 only=args.only, build=args.build, force=args.force)
+                 only=args.only, build=args.build, force=args.force, dry_run=args.dry_run)
     except (NotebookFailed, BookBuildFailed) as e:
         print(f"book: error: {e}", file=sys.stderr)
         return 1

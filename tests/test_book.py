@@ -99,6 +99,10 @@ def test_change_in_notebook_k_reruns_k_and_later_only(tiny):
     tiny["run"]()
     tiny["executed"]()
     _append_cell(tiny["nbs"] / "02_b.ipynb", "log('b2')")
+    dry = tiny["run"](dry_run=True)
+    assert [(n.name, n.status) for n in dry.notebooks] == [("01_a", "skipped"), ("02_b", "would run"),
+                                                           ("03_c", "would run")]
+    assert tiny["executed"]() == []
     r = tiny["run"]()
     assert r.skipped == ["01_a"] and r.ran == ["02_b", "03_c"]
     assert tiny["executed"]() == ["b", "b2", "c"]
@@ -122,6 +126,12 @@ def test_package_change_reruns_everything_and_force_reruns_selected(tiny):
     assert r.ran == ["03_c"] and tiny["executed"]() == ["c"]
     # ... and since 03 is last, a full run afterwards has nothing to do
     assert tiny["run"]().ran == []
+
+
+def test_dry_run_on_a_fresh_run_dir_writes_nothing(tiny):
+    r = tiny["run"](dry_run=True, build=True)
+    assert [n.status for n in r.notebooks] == ["would run"] * 3 and r.html is None
+    assert not (tiny["root"] / "run").exists() and not (tiny["root"] / "book").exists()
 
 
 def test_only_rejects_unknown_names(tiny):
