@@ -388,7 +388,8 @@ def run_book(
             log(f"[{i}/{total}] {name}: unchanged, skipped (last run {_fmt_s(entry.get('seconds', 0.0))})")
             status, seconds = "skipped", 0.0
         else:
-            log(f"[{i}/{total}] {name}: running ...")
+            last = f" (last run took {_fmt_s(entry['seconds'])})" if entry and "seconds" in entry else ""
+            log(f"[{i}/{total}] {name}: running{last} ...")
             state["notebooks"].pop(name, None)  # forget it until it succeeds: a failure resumes here
             _write_state(run_dir, state)
             t0 = time.perf_counter()
