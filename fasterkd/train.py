@@ -574,7 +574,9 @@ def build_network(cfg: TrainConfig, arch_dict: dict | None = None) -> nn.Module:
     if m.name in HRNET_NAMES:
         return build_model(m.name, num_classes=m.num_classes)
     if m.name == "supernet":
-        return build_model("supernet", num_classes=m.num_classes, **cfg.search.supernet)
+        from fasterkd.search import supernet_kwargs  # the search's one-arch student space
+
+        return build_model("supernet", num_classes=m.num_classes, **supernet_kwargs(cfg))
     kw = {"quarter_depth": m.quarter_depth} if m.name == "tutor" else {}
     return build_model(m.name, arch=_arch_spec(cfg, arch_dict), head=m.head, num_classes=m.num_classes, **kw)
 

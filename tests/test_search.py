@@ -1,0 +1,98 @@
+"""The teacher-guided search (Eq. 7): phases, arch updates, latency weight rule, files, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fasterkd.models.arch import ArchSpec
+from fasterkd.search import STUDENT_SPACE, SupernetView, supernet_kwargs
+from fasterkd.train import load_checkpoint, preset, run_stage
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("FASTERKD_CACHE", str(tmp_path_factory.getbasetemp() / "fasterkd-cache"))
+
+
+@pytest.fixture(scope="module")
+def search_run(tmp_path_factory):
+    import os
+
+    os.environ.setdefault("FASTERKD_CACHE", str(tmp_path_factory.getbasetemp() / "fasterkd-cache"))
+    out = tmp_path_factory.mktemp("search")
+    # kd_weight=0: FasterSeg's objective without the HRNet term (the CLI chain test covers Eq. 7 in full)
+    cfg = preset("search", "smoke", out_dir=str(out / "run"), device="cpu", progress=False, epochs=2, kd_weight=0.0)
+    return cfg, run_stage(cfg)
+
+
+def test_supernet_space_is_the_one_arch_student_space():
+    cfg = preset("search", "paper")
+    kw = supernet_kwargs(cfg)
+    assert kw["prun_modes"] == ("arch_ratio",) and kw["stem_head_widths"] == ((8 / 12, 8 / 12),)
+    assert STUDENT_SPACE["prun_modes"] == ("arch_ratio",)
+    small = supernet_kwargs(preset("search", "smoke"))
+    assert small["layers"] == 4 and small["fch"] == 4 and small["width_mult_list"] == (0.5, 0.75, 1.0)
+
+
+def test_search_writes_arch_files_and_history(search_run):
+    cfg, result = search_run
+    out = result.out_dir
+    rows = result.metrics
+    assert [r["phase"] for r in rows] == ["pretrain", "search", "search"]
+    for e in (2, 3):  # one derived arch per search epoch
+        spec = ArchSpec.load(out / f"arch_epoch{e}.json")
+        assert sorted(spec.lasts) in ([0, 2], [1, 2]) and spec.fch == 4
+    assert result.arch == out / "arch.json"
+    assert ArchSpec.load(result.arch).to_dict() == ArchSpec.load(out / "arch_epoch3.json").to_dict()
+    history = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [2, 3]
+    for h in history:
+        assert set(h["softmax"]) == {"alpha_0_0", "alpha_0_1", "alpha_0_2", "beta_0_1", "beta_0_2",
+                                     "ratio_0_0", "ratio_0_1", "ratio_0_2"}
+        for row in h["softmax"]["alpha_0_0"]:
+            assert sum(row) == pytest.approx(1.0, abs=1e-6) and len(row) == 5
+        assert {c["lasts"][1] for c in h["candidates"]} == {0, 1}
+        assert h["fps"] == pytest.approx(1000.0 / h["latency_ms"])
+    assert (out / "latency_table.json").is_file()
+    assert json.loads((out / "eval.json").read_text())["lasts"] == history[-1]["lasts"]
+
+
+def test_latency_weight_follows_the_fps_rule(search_run):
+    _, result = search_run
+    history = json.loads((result.out_dir / "history.json").read_text())
+    weight = 0.01
+    for h in history:
+        lo, hi = h["fps_range"]
+        fps = [c["fps"] for c in h["candidates"]]
+        if any(f >= hi for f in fps):
+            weight /= 2
+        elif any(f <= lo for f in fps):
+            weight *= 2
+        assert h["latency_weight_next"] == pytest.approx(weight)
+    searched = [r for r in result.metrics if r["phase"] == "search"]
+    assert searched[0]["latency_weight"] == 0.01
+    assert searched[1]["latency_weight"] == pytest.approx(history[0]["latency_weight_next"])
+
+
+def test_arch_parameters_move_only_in_the_search_phase(search_run):
+    _, result = search_run
+    ckpt = torch.load(result.last, map_location="cpu", weights_only=True)
+    arch = {k: v for k, v in ckpt["model"].items() if k.split("_")[0] in ("alpha", "beta", "ratio")}
+    assert len(arch) == 8
+    assert any(not torch.allclose(v, torch.full_like(v, 1e-3)) for v in arch.values())
+    # the pretrain epoch makes no architecture step; the search epochs do (with the latency term)
+    assert "arch_seg" not in result.metrics[0] and "latency_ms" not in result.metrics[0]
+    assert all(r["arch_seg"] > 0 and r["latency_ms"] > 0 for r in result.metrics[1:])
+
+
+def test_search_checkpoint_rebuilds_the_supernet(search_run):
+    _, result = search_run
+    net, cfg = load_checkpoint(result.last)
+    assert cfg.stage == "search" and type(net).__name__ == "Supernet"
+    view = SupernetView(net).eval()
+    with torch.no_grad():
+        out = view(torch.randn(1, 3, 40, 72))
+    assert out.main.shape == (1, 19, 40, 72)
