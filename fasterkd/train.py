@@ -308,11 +308,11 @@ def apply_overrides(cfg: TrainConfig, overrides: dict[str, Any]) -> TrainConfig:
     for name, value in overrides.items():
         if name in OVERRIDES:
             _set_path(cfg, OVERRIDES[name], value)
-        elif "." in name:
-            _set_path(cfg, name, value)
+        elif "." in name or (name in {f.name for f in fields(TrainConfig)} and name not in _SUBCONFIGS):
+            _set_path(cfg, name, value)  # a dotted path or a top-level field (e.g. ddp_sync_check)
         else:
             raise ValueError(f"unknown override {name!r}; valid names are {sorted(OVERRIDES)} "
-                             "or a dotted config path such as 'optim.lr'")
+                             "or a config path such as 'optim.lr' or 'ddp_sync_check'")
     return cfg
 
 
@@ -935,10 +935,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def ddp_max_weight_diff(model: nn.Module, info: DistInfo) -> float:
-    """Largest |w_rank - w_rank0| over all parameters and buffers (0.0 when the replicas agree)."""
+    """Largest |w_rank - w_rank0| over all parameters (0.0 when the replicas agree).
+
+    BN running statistics are left out: each rank updates them from its own batch and DDP
+    broadcasts rank 0's (the ones rank 0 saves) at the start of the next forward.
+    """
     if not info.enabled:
         return 0.0
-    flat = torch.cat([t.detach().float().flatten().cpu() for t in _unwrap(model).state_dict().values()])
+    flat = torch.cat([t.detach().float().flatten().cpu() for t in _unwrap(model).parameters()])
     ref = flat.clone()
     dist.broadcast(ref, src=0)
     diff = torch.tensor([(flat - ref).abs().max().item()])
@@ -1022,7 +1026,9 @@ class Trainer:
         self.ddp_model = model
         if self.info.enabled:
             ids = [dev.index] if dev.type == "cuda" else None
-            self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+            # find_unused_parameters: FasterSeg's FFM channel attention is built (official weights,
+            # parameter counts) but never run, so its weights get no gradient
+            self.ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
         self.step_model = torch.compile(self.ddp_model) if cfg.compile else self.ddp_model
 
     def _state(self, epoch: int, step: int, best: float, rows: list[dict]) -> dict[str, Any]:
@@ -1250,8 +1256,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _print_result(result: StageResult) -> None:
     ev = result.eval
-    if ev:
+    if ev and "miou" in ev:
         print(f"final mIoU {ev['miou']:.4f}, pixel acc {ev['pixel_acc']:.4f} on {ev['images']} images")
+    elif ev:  # the search: the derived student of the last epoch
+        miou = ev.get("val_miou")
+        print(f"derived branches {ev['lasts']}: LUT latency {ev['latency_ms']:.3f} ms ({ev['fps']:.1f} FPS), "
+              f"supernet mIoU {'n/a' if miou is None else f'{miou:.4f}'}")
     print(f"wrote {result.out_dir} (last.pt, best.pt, metrics.csv, eval.json)")
     if result.arch is not None:
         print(f"derived arch: {result.arch}")
