@@ -228,6 +228,17 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as ``None`` (null), so the file is valid strict JSON (empty classes)."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def _from_dict(cls: type, d: dict[str, Any], where: str) -> Any:
     """Rebuild a (nested) config dataclass from a dict; unknown keys are an error naming them."""
     if not isinstance(d, dict):
@@ -386,8 +397,11 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
             # a tiny space (4 layers, fch 4, three widths) and a latency table measured on this
             # device for the training crop; no absolute FPS target on a CPU (see fasterkd.search)
             tiny = dict(layers=4, fch=4, width_mult_list=[0.5, 0.75, 1.0], stem_head_widths=[[0.75, 0.75]])  # JSON form
+            # lasts [2, 1] only: Eq. 6 needs the student's 1/16 path, which a [2, 0] student lacks, and
+            # the measured CPU latencies of the two candidates differ by timing noise
             cfg.search = SearchConfig(pretrain_epochs=1, supernet=tiny, latency_weight=0.01, latency_table="measure",
-                                      latency_input=tuple(cfg.data.crop), fps_min=None, fps_max=None)
+                                      latency_input=tuple(cfg.data.crop), fps_min=None, fps_max=None,
+                                      lasts=((2, 1),))
             cfg.epochs = 1 if profile == "smoke" else 3
             cfg.optim = OptimConfig(lr=0.02, weight_decay=5e-4, lr_decay=0.978, grad_clip=5.0)
             if quick:
@@ -996,6 +1010,12 @@ class Trainer:
                              "official HRNet file), or kd_weight=0 to train without it")
         if st == "student" and cfg.guide.tutor is None:
             raise ValueError("stage 'student' distils from the tutor (Eq. 10): give tutor=<checkpoint of a tutor run>")
+        if st == "student" and cfg.loss.fa_weight > 0:
+            lasts = sorted(_arch_spec(cfg).lasts)
+            if lasts != [1, 2]:
+                raise ValueError(f"arch={cfg.model.arch or 'official'!r} has branches ending at {lasts} (0: 1/8, "
+                                 "1: 1/16, 2: 1/32); the FA loss (Eq. 6) needs a student with a 1/16 and a 1/32 "
+                                 "branch, [2, 1]: search with search.lasts=[[2, 1]], or fa_weight=0")
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -1108,7 +1128,7 @@ class Trainer:
                 final = run_evaluation(self.ddp_model, val_loader, dev)
                 final["checkpoint"] = str(best_path)
                 if info.main:
-                    atomic_write_json(self.out / "eval.json", final)
+                    atomic_write_json(self.out / "eval.json", strict_json(final))
             return StageResult(self.out, last, best_path, log.rows, final)
         finally:
             if info.started_here and dist.is_initialized():
@@ -1299,6 +1319,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     model, cfg = load_checkpoint(args.checkpoint, device)
     result = run_evaluation(model, _eval_loader(cfg, args), device)
     result["checkpoint"] = str(args.checkpoint)
+    result = strict_json(result)  # an IoU of a class absent from the split is null
     if args.json:
         atomic_write_json(args.json, result)
     print(f"mIoU {result['miou']:.4f}  pixel acc {result['pixel_acc']:.4f}  ({result['images']} images)")
@@ -1369,7 +1390,12 @@ def export_onnx(model: nn.Module, out: Path, input_size: tuple[int, int], opset:
     """Export the eval-mode model to ONNX and compare with onnxruntime on a random input."""
     wrapper = _MainLogits(model.eval().cpu()).eval()
     x = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
-    with atomic_path(out) as tmp:
+    import warnings
+
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # the tracer's notes on shape checks: the graph is fixed to input_size, as the check below uses
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         torch.onnx.export(wrapper, (x,), str(tmp), input_names=["image"], output_names=["logits"],
                           opset_version=opset, dynamo=False)
     info: dict[str, Any] = {"path": str(out), "input": list(input_size)}

@@ -24,7 +24,8 @@ def search_run(tmp_path_factory):
     os.environ.setdefault("FASTERKD_CACHE", str(tmp_path_factory.getbasetemp() / "fasterkd-cache"))
     out = tmp_path_factory.mktemp("search")
     # kd_weight=0: FasterSeg's objective without the HRNet term (the CLI chain test covers Eq. 7 in full)
-    cfg = preset("search", "smoke", out_dir=str(out / "run"), device="cpu", progress=False, epochs=2, kd_weight=0.0)
+    cfg = preset("search", "smoke", out_dir=str(out / "run"), device="cpu", progress=False, epochs=2, kd_weight=0.0,
+                 **{"search.lasts": ((2, 0), (2, 1))})  # both of FasterSeg's candidates (smoke keeps [2, 1])
     return cfg, run_stage(cfg)
 
 

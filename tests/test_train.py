@@ -93,6 +93,13 @@ def test_stages_name_their_missing_inputs(tmp_path):
         run_stage(smoke("student", tmp_path / "s"))
     with pytest.raises(FileNotFoundError, match="init='nope.pt'"):
         run_stage(smoke("student", tmp_path / "s", init="nope.pt"))
+    # a [2, 0] student has no 1/16 path for Eq. 6
+    no16 = {**TINY_ARCH, "branches": [TINY_ARCH["branches"][0], {"last": 0, "ops": ["conv", "conv"], "path": [0, 0],
+                                                                 "downs": [0, 0], "chis": [8]}]}
+    arch = tmp_path / "no16.json"
+    arch.write_text(json.dumps(no16))
+    with pytest.raises(ValueError, match=r"branches ending at \[0, 2\].*Eq. 6.*search.lasts=\[\[2, 1\]\]"):
+        run_stage(smoke("student", tmp_path / "s", arch=str(arch), tutor=str(arch)))
 
 
 # ------------------------------------------------------------------------------ resume, NaN, refusal
