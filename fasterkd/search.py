@@ -60,6 +60,7 @@ from fasterkd.train import (
     resolve_data_root,
     rng_state,
     run_evaluation,
+    seed_everything,
     set_rng_state,
 )
 from fasterkd.utils import atomic_write_json
@@ -167,7 +168,7 @@ class Searcher:
         from fasterkd.models.supernet import Supernet, SupernetConfig
 
         cfg, dev = self.cfg, self.device
-        torch.manual_seed(cfg.seed)
+        seed_everything(cfg.seed)  # the sandwich rule's random widths draw from Python's random
         self.net = Supernet(SupernetConfig(num_classes=cfg.model.num_classes, **supernet_kwargs(cfg))).to(dev)
         self.identity = model_identity(self.net, cfg)
         self.teacher = load_teacher(cfg, dev) if cfg.guide.teacher is not None and cfg.loss.kd_weight > 0 else None

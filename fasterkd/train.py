@@ -803,6 +803,13 @@ def build_convnorm(model: nn.Module, tutor: nn.Module, cfg: TrainConfig, device:
 # --------------------------------------------------------------------------------------------
 
 
+def seed_everything(seed: int) -> None:
+    """Seed torch, numpy and Python's ``random`` (the supernet's ``random`` widths draw from it)."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG the run draws from, in weights_only-loadable types."""
     np_state = np.random.get_state()
@@ -1021,7 +1028,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, dev = self.cfg, self.device
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        seed_everything(cfg.seed)  # the same initial weights on every rank, the same draws on every run
         model = build_network(cfg)
         self.init_fresh: list[str] = []
         if cfg.model.init is not None:

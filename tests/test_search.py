@@ -97,3 +97,23 @@ def test_search_checkpoint_rebuilds_the_supernet(search_run):
     with torch.no_grad():
         out = view(torch.randn(1, 3, 40, 72))
     assert out.main.shape == (1, 19, 40, 72)
+
+
+def test_search_resume_is_bit_exact(search_run, tmp_path):
+    # a fixed latency table (the measured one is timing noise) so two runs can be compared
+    lut = str(search_run[1].out_dir / "latency_table.json")
+
+    def cfg(out, epochs):
+        return preset("search", "smoke", out_dir=str(out), device="cpu", progress=False, epochs=epochs, kd_weight=0.0,
+                      latency_table=lut)
+
+    straight = run_stage(cfg(tmp_path / "a", 2))
+    run_stage(cfg(tmp_path / "b", 1))
+    resumed = run_stage(cfg(tmp_path / "b", 2), resume=True)
+    a = torch.load(straight.last, map_location="cpu", weights_only=True)
+    b = torch.load(resumed.last, map_location="cpu", weights_only=True)
+    assert a["epoch"] == b["epoch"] == 3 and a["step"] == b["step"]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert a["latency_weight"] == b["latency_weight"] and a["history"] == b["history"]
+    assert ArchSpec.load(straight.arch).to_dict() == ArchSpec.load(resumed.arch).to_dict()

@@ -194,3 +194,25 @@ def test_two_gloo_ranks_hold_identical_weights_and_the_loss_falls(tmp_path):
     ckpt = _weights(out / "last.pt")
     assert ckpt["step"] == 4  # 4 images, 2 ranks x batch 2: one step per epoch
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_metrics_csv_json_and_tensorboard_per_epoch(tmp_path, tiny_arch):
+    pytest.importorskip("tensorboard")
+    result = run_stage(smoke("baseline", tmp_path / "m", epochs=2, kd_weight=0.0, arch=tiny_arch, tensorboard=True))
+    rows = json.loads((result.out_dir / "metrics.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2] and rows == result.metrics
+    assert all({"loss", "ce", "lr", "val_miou", "epoch_s", "images_per_s"} <= set(r) for r in rows)
+    assert rows[1]["lr"] == pytest.approx(rows[0]["lr"] * 0.99)  # the smoke decay per epoch
+    import csv
+
+    with open(result.out_dir / "metrics.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [float(r["loss"]) for r in table] == [r["loss"] for r in rows]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(result.out_dir / "tb"))
+    events.Reload()
+    assert [e.value for e in events.Scalars("epoch/loss")] == pytest.approx([r["loss"] for r in rows])
+    assert len(events.Scalars("step/loss")) == _weights(result.last)["step"]
+    ev = json.loads((result.out_dir / "eval.json").read_text())
+    assert ev["checkpoint"] == str(result.best) and len(ev["iou"]) == 19
