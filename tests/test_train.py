@@ -216,3 +216,14 @@ def test_metrics_csv_json_and_tensorboard_per_epoch(tmp_path, tiny_arch):
     assert len(events.Scalars("step/loss")) == _weights(result.last)["step"]
     ev = json.loads((result.out_dir / "eval.json").read_text())
     assert ev["checkpoint"] == str(result.best) and len(ev["iou"]) == 19
+
+
+def test_mixed_precision_only_on_cuda():
+    cfg = preset("baseline", "smoke")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert train.autocast_dtype(cfg, cpu) is None  # CPU runs stay in float32 (bit-exact resume)
+    assert train.autocast_dtype(preset("baseline", "smoke", amp="fp16"), cuda) == torch.float16
+    assert train.autocast_dtype(preset("baseline", "smoke", amp="bf16"), cuda) == torch.bfloat16
+    assert train.autocast_dtype(preset("baseline", "smoke", amp="off"), cuda) is None
+    with pytest.raises(ValueError, match="amp must be auto, bf16, fp16 or off"):
+        preset("baseline", "smoke", amp="fp8").validate()
