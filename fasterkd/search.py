@@ -53,6 +53,7 @@ from fasterkd.train import (
     build_train_set,
     build_val_loader,
     check_resume_config,
+    ddp_max_weight_diff,
     epoch_loader,
     init_distributed,
     load_teacher,
@@ -145,6 +146,32 @@ def dist_term(preds: dict[str, Tensor], teacher_logits: Tensor, label: Tensor, c
                           reduction=cfg.loss.kd_reduction, target=label) for p in preds.values())
 
 
+def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
+    """Average the gradients of ``params`` over the ranks (one flat all-reduce; no-op on one rank).
+
+    A parameter without a gradient on some rank (a width or op not sampled there) gets a zero one
+    wherever another rank has one, so every rank's optimiser steps the same parameters.
+    """
+    if not info.enabled or not params:
+        return
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
+    dist.all_reduce(has, op=dist.ReduceOp.MAX)
+    used = [p for p, h in zip(params, has.tolist()) if h]
+    for p in used:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if not used:
+        return
+    flat = torch.cat([p.grad.reshape(-1) for p in used])
+    dist.all_reduce(flat)
+    flat /= info.world
+    offset = 0
+    for p in used:
+        n = p.grad.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+        offset += n
+
+
 def softmaxes(net: nn.Module) -> dict[str, list[list[float]]]:
     """alpha / beta / gamma (ratio) softmaxes of the student arch, for the history plots."""
     return {name: torch.softmax(t.float(), -1).tolist() for name, t in net.arch_tensors(ARCH).items()}
@@ -182,11 +209,10 @@ class Searcher:
         self.latency_weight = s.latency_weight
         self.fps_range: list[float] | None = None if s.fps_min is None else [s.fps_min, s.fps_max]
         self.history: list[dict[str, Any]] = []
+        # no DistributedDataParallel wrapper: a step runs the supernet several times (sandwich rule,
+        # Eq. 7's max/min terms) before one backward, which DDP's reducer refuses; the ranks average
+        # their gradients with average_gradients() instead
         self.ddp = self.net
-        if self.info.enabled:
-            ids = [dev.index] if dev.type == "cuda" else None
-            # arch params take no part in the weight step's graph of every head: allow unused
-            self.ddp = nn.parallel.DistributedDataParallel(self.net, device_ids=ids, find_unused_parameters=True)
 
     # -- checkpoint --------------------------------------------------------------------------
 
@@ -256,6 +282,8 @@ class Searcher:
                 row, step = self._epoch(half_w, half_a, epoch, step, searching, last)
                 self.sched.step()
                 row.update(self._after_epoch(epoch, searching, val_loader))
+                if cfg.ddp_sync_check:
+                    row["ddp_max_weight_diff"] = ddp_max_weight_diff(self.net, info)
                 log.add(row)
                 if info.main:
                     atomic_torch_save_state = self._state(epoch + 1, step, log.rows)
@@ -314,11 +342,7 @@ class Searcher:
                 arch_total = arch_loss + self.latency_weight * lat
                 self._check(arch_total, terms, step, epoch, i, last)
                 arch_total.backward()
-                if self.info.enabled:  # DDP averages weight grads only; average the arch grads too
-                    for p in net.arch_parameters(ARCH):
-                        if p.grad is not None:
-                            dist.all_reduce(p.grad)
-                            p.grad /= self.info.world
+                average_gradients(list(net.arch_parameters(ARCH)), self.info)
                 self.a_opt.step()
             # weight step on Train-1: L_seg only (the May 2021 fix: clear the arch step's weight grads)
             x, y = batch["image"].to(dev), batch["label"].to(dev)
@@ -329,6 +353,7 @@ class Searcher:
             terms["seg"] = loss
             self._check(loss, terms, step, epoch, i, last)
             loss.backward()
+            average_gradients(list(net.weight_parameters()), self.info)
             if cfg.optim.grad_clip:
                 torch.nn.utils.clip_grad_norm_(net.weight_parameters(), cfg.optim.grad_clip)
             self.w_opt.step()
@@ -341,9 +366,17 @@ class Searcher:
                 bar.update(1)
         if bar is not None:
             bar.close()
+        if self.info.enabled:  # every rank validates and derives with rank 0's BN statistics
+            for b in net.buffers():
+                dist.broadcast(b, src=0)
         dt = time.perf_counter() - t0
+        means = {k: v / max(1, n) for k, v in sums.items()}
+        if self.info.enabled:  # the epoch's mean terms over all ranks
+            t = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64)
+            dist.all_reduce(t)
+            means = {k: float(v) / self.info.world for k, v in zip(sorted(means), t)}
         row = {"epoch": epoch + 1, "phase": "search" if searching else "pretrain", "lr": lr,
-               **{k: v / max(1, n) for k, v in sums.items()}, "images_per_s": images / dt, "epoch_s": dt}
+               **means, "images_per_s": images / dt, "epoch_s": dt}
         if searching:
             row["latency_weight"] = self.latency_weight
         return row, step

@@ -1451,7 +1451,9 @@ def add_train_commands(sub: "argparse._SubParsersAction") -> None:
     _add_common(search)
     search.add_argument("--pretrain-epochs", dest="pretrain_epochs", type=int, default=None)
     search.add_argument("--latency-table", dest="latency_table", default=None, help="official or a JSON table")
-    search.add_argument("--latency-weight", dest="latency_weight", type=float, default=None)
+    search.add_argument("--latency-weight", dest="latency_weight", type=float, default=None, help="lambda1 of Eq. 7")
+    search.add_argument("--kd-weight", dest="kd_weight", type=float, default=None,
+                        help="lambda2 of Eq. 7 (0: FasterSeg's objective without HRNet)")
     search.set_defaults(func=_cmd_search)
 
     ev = sub.add_parser("eval", help="mIoU and per-class IoU at full resolution", epilog=EPILOG_EVAL,

@@ -117,3 +117,24 @@ def test_search_resume_is_bit_exact(search_run, tmp_path):
         assert torch.equal(a["model"][k], b["model"][k]), k
     assert a["latency_weight"] == b["latency_weight"] and a["history"] == b["history"]
     assert ArchSpec.load(straight.arch).to_dict() == ArchSpec.load(resumed.arch).to_dict()
+
+
+def test_two_gloo_ranks_search_in_step(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fasterkd", "search", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--epochs", "2",
+           "--kd-weight", "0", "--no-progress", "--set", "data.synthetic_train=8", "--set", "ddp_sync_check=true"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((out / "metrics.json").read_text())
+    assert [r["phase"] for r in rows] == ["pretrain", "search", "search"]
+    # weights and architecture parameters stay identical on both ranks through both kinds of step
+    assert all(r["ddp_max_weight_diff"] == 0.0 for r in rows)
+    ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["step"] == 3  # 8 images in two halves of 4, 2 ranks x batch 2: one step per epoch
+    assert ArchSpec.load(out / "arch.json").fch == 4
