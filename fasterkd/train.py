@@ -1306,6 +1306,16 @@ def _cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def inference_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """A checkpoint's model as image -> SegOutput: a search's supernet is seen through its validated
+    head at the widest widths (:class:`fasterkd.search.SupernetView`)."""
+    if cfg.model.name == "supernet":
+        from fasterkd.search import SupernetView
+
+        return SupernetView(model).eval()
+    return model
+
+
 def _eval_loader(cfg: TrainConfig, args: argparse.Namespace):
     from fasterkd.data import build_dataset
     from fasterkd.data.transforms import EvalTransform
@@ -1324,7 +1334,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     device = pick_device(args.device)
     model, cfg = load_checkpoint(args.checkpoint, device)
-    result = run_evaluation(model, _eval_loader(cfg, args), device)
+    result = run_evaluation(inference_model(model, cfg), _eval_loader(cfg, args), device)
     result["checkpoint"] = str(args.checkpoint)
     result = strict_json(result)  # an IoU of a class absent from the split is null
     if args.json:
@@ -1375,8 +1385,8 @@ def predict_images(model: nn.Module, paths: list[Path], out: Path, device: torch
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
-    model, _ = load_checkpoint(args.checkpoint, device)
-    written = predict_images(model, [Path(p) for p in args.images], Path(args.out), device)
+    model, cfg = load_checkpoint(args.checkpoint, device)
+    written = predict_images(inference_model(model, cfg), [Path(p) for p in args.images], Path(args.out), device)
     print(f"wrote {len(written)} files to {args.out}")
     return 0
 
@@ -1422,6 +1432,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format != "onnx":
         raise ValueError(f"--format must be onnx, got {args.format!r}")
     model, cfg = load_checkpoint(args.checkpoint, "cpu")
+    model = inference_model(model, cfg)
     out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix(".onnx")
     info = export_onnx(model, out, parse_size(args.input, "--input"), opset=args.opset)
     print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e} "

@@ -170,3 +170,16 @@ def test_train_resume_through_the_cli(chain, tmp_path):
         code = main(["train", "baseline", "--config", str(run.parent / "smoke.yaml"), "--teacher", cfg["guide"]["teacher"],
                      "--arch", cfg["model"]["arch"], "--out", str(out), "--epochs", "3", "--lr", "0.5", "--resume"])
     assert code == 2 and "optim.lr" in err.getvalue() and "cannot resume" in err.getvalue()
+
+
+def test_search_checkpoint_evaluates_and_predicts_through_its_supernet_view(chain, tmp_path):
+    run, _, _ = chain
+    target = tmp_path / "search.json"
+    cli("eval", run / "search" / "last.pt", "--json", target)
+    # the same validation the search ran after its last epoch (head 8s_32s, widest widths)
+    assert json.loads(target.read_text())["miou"] == pytest.approx(ckpt(run / "search" / "last.pt")["metrics"][-1]["val_miou"])
+    image = tmp_path / "small.png"
+    Image.fromarray(np.zeros((40, 70, 3), dtype=np.uint8)).save(image)
+    cli("predict", run / "search" / "last.pt", image, "--out", tmp_path / "p")
+    with Image.open(tmp_path / "p" / "small_pred.png") as im:
+        assert im.size == (70, 40)
