@@ -1199,13 +1199,15 @@ class Trainer:
 # Command line: train, search, eval, predict, export
 # --------------------------------------------------------------------------------------------
 
-EPILOG_TRAIN = """examples:
+EPILOG_TRAIN = """examples (the quick chain; a search's arch.json is the student of every later stage):
   fasterkd train teacher  --profile quick --out runs/teacher
-  fasterkd train baseline --profile quick --teacher runs/teacher/best.pt --out runs/baseline
-  fasterkd train tutor    --profile quick --teacher runs/teacher/best.pt --init runs/baseline/best.pt --out runs/tutor
-  fasterkd train student  --profile quick --tutor runs/tutor/best.pt --init runs/baseline/best.pt --fa-weight 1 --out runs/student
-  fasterkd train head     --profile quick --teacher runs/teacher/best.pt --out runs/head
-  fasterkd train baseline --config my.yaml --resume          # continue a killed run
+  fasterkd search         --profile quick --teacher runs/teacher/best.pt --out runs/search
+  fasterkd train baseline --profile quick --teacher runs/teacher/best.pt --arch runs/search/arch.json --out runs/baseline
+  fasterkd train tutor    --profile quick --teacher runs/teacher/best.pt --arch runs/search/arch.json --init runs/baseline/best.pt --out runs/tutor
+  fasterkd train student  --profile quick --tutor runs/tutor/best.pt --arch runs/search/arch.json --init runs/baseline/best.pt --fa-weight 1 --out runs/student
+  fasterkd train head     --profile quick --teacher runs/teacher/best.pt --arch runs/search/arch.json --init runs/baseline/best.pt --out runs/head
+  fasterkd train baseline --config my.yaml --resume          # continue a killed run (YAML/JSON: preset names or dotted paths)
+  fasterkd train baseline --profile smoke --set optim.lr=0.005 --set loss.ohem=false
   torchrun --nproc_per_node 4 -m fasterkd train baseline --profile paper --data-root data/cityscapes --teacher hrnet_w48.pth
 """
 EPILOG_SEARCH = """examples:

@@ -147,7 +147,7 @@ def test_every_command_help_has_examples(command, capsys):
         main([command[0], "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
-    assert "examples:" in text and f"fasterkd {command[0]}" in text
+    assert "examples" in text and f"fasterkd {command[0]}" in text
 
 
 def test_train_resume_through_the_cli(chain, tmp_path):
