@@ -33,7 +33,8 @@ help:
 # --- Python environment: rebuilt when pyproject.toml changes --------------------------------
 $(STAMPS)/venv: pyproject.toml
 	@mkdir -p $(STAMPS)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "'$(PYTHON) -m venv' failed: Python >= 3.10 with venv is needed (Debian: apt-get install python3-venv)"; exit 1; }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[book,test]"
 	@touch $@
