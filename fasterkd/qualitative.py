@@ -93,6 +93,34 @@ def run_summary(run: str | os.PathLike) -> RunSummary:
                       json.loads(cfg_path.read_text()), str(run))
 
 
+#: chapter 7 retrains chapter 5's c = 1 student with another seed under this name (the noise yardstick)
+RESEED_RUN = "student_c1_reseed"
+
+
+def seed_spread(run_dir: str | os.PathLike) -> float | None:
+    """|mIoU(student_c1) - mIoU(student_c1_reseed)| in points: what the seed alone moves one run
+    (``None`` until chapter 7 has trained the reseeded run)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / RESEED_RUN / "eval.json").is_file() or not (run_dir / "student_c1" / "eval.json").is_file():
+        return None
+    return abs(run_summary(run_dir / "student_c1").miou_percent - run_summary(run_dir / RESEED_RUN).miou_percent)
+
+
+def noise_note(runs: Sequence[RunSummary], profile: str, run_dir: str | os.PathLike) -> str:
+    """A sentence on how far a profile's numbers can be trusted, from the runs' configs and the measured
+    seed spread (:func:`seed_spread`)."""
+    cfg = runs[0].config
+    epochs = sorted({r.config["epochs"] for r in runs})
+    data = cfg["data"]["root"] or f"{cfg['data']['synthetic_train']} synthetic training scenes"
+    spread = seed_spread(run_dir)
+    noise = ("the seed's effect on one run was not measured in this run folder" if spread is None else
+             f"retraining chapter 5's c = 1 student with only the seed changed moved its mIoU by {spread:.1f} points "
+             "(chapter 7), so differences of that size are noise")
+    return (f"These runs trained {'/'.join(map(str, epochs))} epoch(s) on {data} (`{profile}` profile); {noise}. "
+            "A single seed per row cannot separate smaller effects; only the `paper` profile (Cityscapes, hundreds "
+            "of epochs) can confirm or contradict the paper's rows.")
+
+
 def train_variant(stage: str, profile: str, run_dir: str | os.PathLike, name: str, data_root: str = "",
                   device: str = "auto", **overrides: Any) -> RunSummary:
     """Train ``stage`` under ``profile`` into ``run_dir/name`` and return its :class:`RunSummary`.
@@ -105,6 +133,19 @@ def train_variant(stage: str, profile: str, run_dir: str | os.PathLike, name: st
                  progress=False, **overrides)
     run_stage(cfg)
     return run_summary(Path(run_dir) / name)
+
+
+def checkpoint_cost(checkpoint: str | os.PathLike, size: tuple[int, int] | str = (1024, 2048)) -> dict[str, int]:
+    """:func:`fasterkd.cost.model_cost` of the network a checkpoint holds, rebuilt from its config on the
+    meta device (shapes only: nothing allocated, so 1024x2048 costs milliseconds)."""
+    from fasterkd.cost import model_cost
+    from fasterkd.train import TrainConfig, _read_checkpoint, build_network
+
+    ckpt = _read_checkpoint(checkpoint, "cpu")
+    cfg = TrainConfig.from_dict(ckpt["config"])
+    with torch.device("meta"):
+        model = build_network(cfg, ckpt["identity"].get("arch"))
+    return model_cost(model, size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,7 +350,8 @@ def percent(x: float) -> str:
 
 
 __all__ = [
-    "UPSTREAM", "upstream", "RunSummary", "run_summary", "train_variant", "head_cost", "head_cost_sweep",
+    "UPSTREAM", "upstream", "RunSummary", "run_summary", "RESEED_RUN", "seed_spread", "noise_note",
+    "train_variant", "checkpoint_cost", "head_cost", "head_cost_sweep",
     "DIFF_COLOURS", "DIFF_NAMES", "difference_map", "difference_counts", "pixel_accuracy", "predict",
     "validation_batch", "mark_differences", "figure3", "percent",
 ]

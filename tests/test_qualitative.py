@@ -105,3 +105,21 @@ def test_figure3_panels(tmp_path):
     assert len(fig.axes) == 10
     with pytest.raises(ValueError, match="same number of images"):
         q.figure3(images, labels[:1], base, labels)
+
+
+def _fake_run(path, miou, seed=12345, epochs=4):
+    path.mkdir(parents=True)
+    (path / "eval.json").write_text(json.dumps({"miou": miou, "iou": [], "pixel_acc": 0.5}))
+    cfg = {"seed": seed, "epochs": epochs, "data": {"root": "", "synthetic_train": 48}}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_seed_spread_and_noise_note(tmp_path):
+    _fake_run(tmp_path / "student_c1", 0.20)
+    runs = [q.run_summary(tmp_path / "student_c1")]
+    assert q.seed_spread(tmp_path) is None
+    assert "not measured" in q.noise_note(runs, "quick", tmp_path)
+    _fake_run(tmp_path / q.RESEED_RUN, 0.17, seed=12346)
+    assert q.seed_spread(tmp_path) == pytest.approx(3.0)
+    note = q.noise_note(runs, "quick", tmp_path)
+    assert "3.0 points" in note and "4 epoch(s) on 48 synthetic training scenes" in note
