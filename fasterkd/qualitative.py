@@ -148,6 +148,30 @@ def checkpoint_cost(checkpoint: str | os.PathLike, size: tuple[int, int] | str =
     return model_cost(model, size)
 
 
+def train_like(source: str | os.PathLike, name: str, data_root: str = "", device: str = "auto",
+               **overrides: Any) -> RunSummary:
+    """Retrain the run ``source`` (a run folder with ``config.json``) with ``overrides`` into
+    ``<source's parent>/name`` and return its :class:`RunSummary`.
+
+    An ablation must differ from the run it is compared with in the changed knob only: starting
+    from that run's saved config (not from today's preset) keeps epochs, learning rate, crops and
+    seed identical even when the presets are retuned between the two runs.
+    """
+    from fasterkd.train import TrainConfig, apply_overrides, run_stage
+
+    source = Path(source)
+    cfg_path = source / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(cfg_path)!r} not found: {source.name} has not been trained")
+    cfg = TrainConfig.from_dict(json.loads(cfg_path.read_text()))
+    cfg.out_dir, cfg.device, cfg.progress = str(source.parent / name), device, False
+    if data_root:
+        cfg.data.root = str(data_root)
+    apply_overrides(cfg, overrides)
+    run_stage(cfg)
+    return run_summary(source.parent / name)
+
+
 # --------------------------------------------------------------------------------------------
 # §5: the prediction modules' cost, formula vs counted
 # --------------------------------------------------------------------------------------------
@@ -323,7 +347,8 @@ def figure3(images: Tensor, labels: Tensor, baseline: Tensor, student: Tensor,
     if not (labels.shape[0] == baseline.shape[0] == student.shape[0] == n):
         raise ValueError("images, labels and both predictions must hold the same number of images")
     h, w = images.shape[-2:]
-    fig, axes = plt.subplots(n, 5, figsize=(15, 3.2 * n * h / w * 2 + 0.6), squeeze=False)
+    # 3 inches per panel across; each row as tall as its panels plus a title line, then the legend
+    fig, axes = plt.subplots(n, 5, figsize=(15, n * (3.0 * h / w + 0.45) + 0.7), squeeze=False)
     cols = ["input", "label", titles[0], titles[1], f"{titles[1]}: differences marked"]
     for i in range(n):
         rgb = (denormalize(images[i]).clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
@@ -340,7 +365,7 @@ def figure3(images: Tensor, labels: Tensor, baseline: Tensor, student: Tensor,
             axes[i][0].set_ylabel(Path(names[i]).name, fontsize=8)
     handles = [Patch(color=np.array(c) / 255, label=DIFF_NAMES[k]) for k, c in DIFF_COLOURS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -351,7 +376,7 @@ def percent(x: float) -> str:
 
 __all__ = [
     "UPSTREAM", "upstream", "RunSummary", "run_summary", "RESEED_RUN", "seed_spread", "noise_note",
-    "train_variant", "checkpoint_cost", "head_cost", "head_cost_sweep",
+    "train_variant", "train_like", "checkpoint_cost", "head_cost", "head_cost_sweep",
     "DIFF_COLOURS", "DIFF_NAMES", "difference_map", "difference_counts", "pixel_accuracy", "predict",
     "validation_batch", "mark_differences", "figure3", "percent",
 ]

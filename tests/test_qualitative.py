@@ -123,3 +123,21 @@ def test_seed_spread_and_noise_note(tmp_path):
     assert q.seed_spread(tmp_path) == pytest.approx(3.0)
     note = q.noise_note(runs, "quick", tmp_path)
     assert "3.0 points" in note and "4 epoch(s) on 48 synthetic training scenes" in note
+
+
+def test_train_like_changes_only_the_named_knob(tmp_path, monkeypatch):
+    from fasterkd.train import preset, run_stage
+
+    monkeypatch.setenv("FASTERKD_CACHE", str(tmp_path / "cache"))
+    cfg = preset("baseline", "smoke", out_dir=str(tmp_path / "base"), device="cpu", kd_weight=0.0, epochs=2, lr=0.003)
+    run_stage(cfg)
+    s = q.train_like(tmp_path / "base", "base_seed", device="cpu", seed=cfg.seed + 1)
+    a = json.loads((tmp_path / "base" / "config.json").read_text())
+    b = s.config
+    assert b["seed"] == a["seed"] + 1 and b["out_dir"] == str(tmp_path / "base_seed")
+    assert b["epochs"] == 2 and b["optim"]["lr"] == 0.003  # the source run's recipe, not today's preset
+    diff = {k for k in a if a[k] != b[k]}
+    assert diff == {"seed", "out_dir", "progress"}
+    assert (tmp_path / "base_seed" / "best.pt").is_file() and 0.0 <= s.miou <= 1.0
+    with pytest.raises(FileNotFoundError, match="has not been trained"):
+        q.train_like(tmp_path / "nope", "x")
