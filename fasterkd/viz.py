@@ -241,9 +241,11 @@ def mean_softmax(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[i
     return epochs, probs
 
 
-def plot_arch_history(history: Sequence[Mapping[str, Any]], width_mults: Sequence[float] | None = None):
+def plot_arch_history(history: Sequence[Mapping[str, Any]], width_mults: Sequence[float] | None = None,
+                      relative: bool = False):
     """One panel per softmax (rows alpha / beta / gamma, columns the path), lines = choices,
-    each the mean over the path's layers, against the search epoch."""
+    each the mean over the path's layers, against the search epoch. ``relative``: plot the
+    departure from uniform, p - 1/n (short searches move the softmaxes by ~1e-3)."""
     import matplotlib.pyplot as plt
 
     keys = list(history[0]["softmax"])
@@ -261,18 +263,28 @@ def plot_arch_history(history: Sequence[Mapping[str, Any]], width_mults: Sequenc
             names = choice_names(key, probs.shape[1])
             if g == "ratio" and width_mults is not None and len(width_mults) == probs.shape[1]:
                 names = [f"width x{w:g}" for w in width_mults]
+            if relative:
+                probs = probs - 1.0 / probs.shape[1]
+                ax.axhline(0.0, color="0.5", lw=0.8)
+            else:
+                ax.set_ylim(0, 1)
             for c in range(probs.shape[1]):
                 ax.plot(epochs, probs[:, c], marker="o", label=names[c])
             ax.set_title(f"{GROUP_NAMES[g]}, {PATH_NAMES.get(p, p)} path", fontsize=9)
-            ax.set_ylim(0, 1)
             ax.set_xlabel("search epoch")
             ax.grid(alpha=0.3)
             if j == 0:
-                ax.set_ylabel("softmax (layer mean)")
+                ax.set_ylabel("softmax - 1/n (layer mean)" if relative else "softmax (layer mean)")
             if j == len(paths) - 1 or (j == 0 and g == "beta"):
                 ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def max_departure(history: Sequence[Mapping[str, Any]]) -> float:
+    """Largest |p - 1/n| over every softmax entry of the last search epoch (0: still uniform)."""
+    return max(float(np.abs(np.asarray(v, dtype=float) - 1.0 / np.asarray(v).shape[-1]).max())
+               for v in history[-1]["softmax"].values())
 
 
 def search_table(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -301,6 +313,6 @@ def profile_line(profile: str, data_root: str, device: Any) -> str:
 
 __all__ = [
     "read_metrics", "read_eval", "series", "plot_curves", "markdown_table", "per_class_iou", "plot_per_class_iou",
-    "TABLE1_RUNS", "table1", "gain", "read_history", "choice_names", "mean_softmax", "plot_arch_history",
+    "TABLE1_RUNS", "table1", "gain", "read_history", "choice_names", "mean_softmax", "plot_arch_history", "max_departure",
     "search_table", "profile_line",
 ]

@@ -125,6 +125,10 @@ def test_arch_history_means_and_plot(tmp_path):
     ax = next(a for a in fig.axes if a.get_title().startswith("gamma"))
     assert [line.get_label() for line in ax.get_lines()] == ["width x0.5", "width x0.75", "width x1"]
     np.testing.assert_allclose(ax.get_lines()[2].get_ydata(), [1 / 3, 0.5])
+    rel = viz.plot_arch_history(hist, relative=True)
+    ax = next(a for a in rel.axes if a.get_title().startswith("beta"))
+    np.testing.assert_allclose(ax.get_lines()[1].get_ydata(), [0.0, 0.4])  # down: 0.5 -> 0.9
+    assert viz.max_departure(hist) == pytest.approx(0.8)  # alpha 'conv' 1.0 vs 1/5
     table = viz.search_table(hist)
     assert table[0]["branches end at"] == "1/32 & 1/16"
     assert table[0]["val mIoU (%)"] == pytest.approx(5.0) and table[1]["val mIoU (%)"] is None
