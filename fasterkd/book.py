@@ -268,8 +268,8 @@ def execute_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd
         papermill.execute_notebook(
             str(source), str(tmp), parameters=parameters, kernel_name=KERNEL, cwd=str(cwd),
             progress_bar=progress_bar, log_output=False, request_save_on_cell_execute=False,
-            # ipykernel warns about TCP transport at every start; keep errors only
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            # ipykernel logs a TCP-transport warning at every start and a KeyboardInterrupt at shutdown
+            extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
         )
     except PapermillExecutionError as e:
         if tmp.exists():
