@@ -383,7 +383,7 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
         if paper:
             cfg.epochs, cfg.data.batch_size, cfg.data.crop = 484, 12, (512, 1024)
         elif quick:
-            cfg.epochs = 6
+            cfg.epochs = 30  # 15 epochs left the small HRNet below the student (11.9 vs 15.6 % mIoU)
     elif stage == "search":
         cfg.model = ModelConfig(name="supernet")
         cfg.loss.kd_weight = 1.0  # lambda2 of Eq. 7
@@ -409,20 +409,20 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
     elif stage in ("baseline", "head"):
         cfg.model = ModelConfig(name="student", head="pixel_shuffle" if stage == "head" else "bilinear")
         if quick:
-            cfg.epochs = 6
+            cfg.epochs = 10
     elif stage == "tutor":
         cfg.model = ModelConfig(name="tutor")
         if paper:
             cfg.epochs, cfg.optim.lr = 350, 0.0026
         elif quick:
-            cfg.epochs, cfg.optim.lr = 4, 0.01
+            cfg.epochs, cfg.optim.lr = 6, 0.01
     elif stage == "student":
         cfg.model = ModelConfig(name="student")
         cfg.loss.fa_weight = 1.0
         if paper:
             cfg.epochs, cfg.optim.lr = 400, 0.003
         elif quick:
-            cfg.epochs, cfg.optim.lr = 4, 0.01
+            cfg.epochs, cfg.optim.lr = 6, 0.01
     return apply_overrides(cfg, overrides)
 
 
