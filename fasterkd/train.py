@@ -524,11 +524,23 @@ class SeededTrainSet(torch.utils.data.Dataset):
         return {"image": image, "label": label, "name": item["name"]}
 
 
+def synthetic_subset(ds: torch.utils.data.Dataset, data: DataConfig, split: str) -> torch.utils.data.Dataset:
+    """The first ``synthetic_train``/``synthetic_val`` scenes of the shared synthetic cache.
+
+    One cache folder serves every recipe of a size and seed, and a recipe that asks for more scenes
+    grows it; without this cut a run would see however many scenes earlier runs left there.
+    """
+    if data.root:
+        return ds
+    n = data.synthetic_train if split == data.train_split else data.synthetic_val
+    return ds if len(ds) <= n else torch.utils.data.Subset(ds, range(n))
+
+
 def build_train_set(cfg: TrainConfig, root: Path) -> SeededTrainSet:
     from fasterkd.data import build_dataset
     from fasterkd.data.transforms import TrainTransform
 
-    base = build_dataset(root, cfg.data.train_split, transform=None)
+    base = synthetic_subset(build_dataset(root, cfg.data.train_split, transform=None), cfg.data, cfg.data.train_split)
     if cfg.data.max_train_images:
         base = torch.utils.data.Subset(base, range(min(len(base), cfg.data.max_train_images)))
     tf = TrainTransform(crop=tuple(cfg.data.crop), scales=tuple(cfg.data.scales), flip=cfg.data.flip,
@@ -540,7 +552,7 @@ def build_val_loader(cfg: TrainConfig, root: Path) -> torch.utils.data.DataLoade
     from fasterkd.data import build_dataset
     from fasterkd.data.transforms import EvalTransform
 
-    ds = build_dataset(root, cfg.data.val_split, transform=EvalTransform())
+    ds = synthetic_subset(build_dataset(root, cfg.data.val_split, transform=EvalTransform()), cfg.data, cfg.data.val_split)
     if cfg.data.max_val_images:
         ds = torch.utils.data.Subset(ds, range(min(len(ds), cfg.data.max_val_images)))
     return torch.utils.data.DataLoader(ds, batch_size=cfg.data.eval_batch_size, shuffle=False,
@@ -1325,7 +1337,8 @@ def _eval_loader(cfg: TrainConfig, args: argparse.Namespace):
     if args.data_root is not None:
         cfg.data.root = args.data_root
     root = resolve_data_root(cfg.data)
-    ds = build_dataset(root, args.split or cfg.data.val_split, transform=EvalTransform())
+    split = args.split or cfg.data.val_split
+    ds = synthetic_subset(build_dataset(root, split, transform=EvalTransform()), cfg.data, split)
     if args.max_images:
         ds = torch.utils.data.Subset(ds, range(min(len(ds), args.max_images)))
     return torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False)
