@@ -135,25 +135,10 @@ def validation_images(run_dir_or_cfg: Any, count: int = 2, data_root: str = "",
     ``run_dir_or_cfg`` is a :class:`fasterkd.train.TrainConfig` or a checkpoint path whose config
     names the data; ``data_root`` (a Cityscapes root) replaces the config's when given.
     """
-    import copy
-
-    from fasterkd.data import build_dataset
-    from fasterkd.data.transforms import EvalTransform
-    from fasterkd.train import TrainConfig, _read_checkpoint, resolve_data_root
+    from fasterkd.train import validation_items
     from fasterkd.utils import pick_device
 
-    if int(count) != count or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
-    cfg = run_dir_or_cfg
-    if not isinstance(cfg, TrainConfig):
-        cfg = TrainConfig.from_dict(_read_checkpoint(cfg, "cpu")["config"])
-    data = copy.deepcopy(cfg.data)
-    if data_root:
-        data.root = str(data_root)
-    ds = build_dataset(resolve_data_root(data), data.val_split, transform=EvalTransform())
-    if len(ds) == 0:
-        raise ValueError(f"the {data.val_split!r} split of {data.root or 'the synthetic data'} holds no images")
-    items = [ds[i]["image"] for i in range(min(int(count), len(ds)))]
+    items = [item["image"] for item in validation_items(run_dir_or_cfg, count, data_root)]
     sizes = {tuple(x.shape) for x in items}
     if len(sizes) != 1:
         raise ValueError(f"validation images differ in size {sorted(sizes)}; use count=1")

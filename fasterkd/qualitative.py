@@ -292,22 +292,9 @@ def predict(model: nn.Module, images: Tensor, size: tuple[int, int] | None = Non
 
 def validation_batch(checkpoint: str | os.PathLike, count: int, data_root: str = "") -> tuple[Tensor, Tensor, list[str]]:
     """The first ``count`` validation images (normalised), labels and names of the data a checkpoint trained on."""
-    import copy
+    from fasterkd.train import validation_items
 
-    from fasterkd.data import build_dataset
-    from fasterkd.data.transforms import EvalTransform
-    from fasterkd.train import TrainConfig, _read_checkpoint, resolve_data_root
-
-    if int(count) != count or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
-    cfg = TrainConfig.from_dict(_read_checkpoint(checkpoint, "cpu")["config"])
-    data = copy.deepcopy(cfg.data)
-    if data_root:
-        data.root = str(data_root)
-    ds = build_dataset(resolve_data_root(data), data.val_split, transform=EvalTransform())
-    if len(ds) == 0:
-        raise ValueError(f"the {data.val_split!r} split of {data.root or 'the synthetic data'} holds no images")
-    items = [ds[i] for i in range(min(int(count), len(ds)))]
+    items = validation_items(checkpoint, count, data_root)
     return (torch.stack([it["image"] for it in items]), torch.stack([it["label"] for it in items]),
             [str(it["name"]) for it in items])
 

@@ -559,6 +559,28 @@ def build_val_loader(cfg: TrainConfig, root: Path) -> torch.utils.data.DataLoade
                                        num_workers=cfg.data.num_workers)
 
 
+def validation_items(source: "TrainConfig | str | os.PathLike", count: int, data_root: str = "") -> list[dict[str, Any]]:
+    """The first ``count`` validation items (normalised image, label, name) of a run's data.
+
+    ``source`` is a :class:`TrainConfig` or a checkpoint whose config names the data;
+    ``data_root`` (e.g. a Cityscapes root) replaces the config's when given. For the chapters that
+    look at a few images of a trained run (FA histograms, Fig. 3).
+    """
+    from fasterkd.data import build_dataset
+    from fasterkd.data.transforms import EvalTransform
+
+    if int(count) != count or count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    cfg = source if isinstance(source, TrainConfig) else TrainConfig.from_dict(_read_checkpoint(source, "cpu")["config"])
+    data = copy.deepcopy(cfg.data)
+    if data_root:
+        data.root = str(data_root)
+    ds = build_dataset(resolve_data_root(data), data.val_split, transform=EvalTransform())
+    if len(ds) == 0:
+        raise ValueError(f"the {data.val_split!r} split of {data.root or 'the synthetic data'} holds no images")
+    return [ds[i] for i in range(min(int(count), len(ds)))]
+
+
 def epoch_loader(ds: torch.utils.data.Dataset, cfg: TrainConfig, epoch: int, info: DistInfo,
                  batch_size: int | None = None, salt: int = 0) -> torch.utils.data.DataLoader:
     """The loader of one epoch: order from (seed, epoch) (DistributedSampler under DDP)."""

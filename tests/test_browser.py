@@ -53,18 +53,13 @@ def _own_fa_book(tmp: Path) -> Path:
     """A one-chapter book with notebook 06 run on smoke checkpoints (used until the shared
     ``smoke_book`` fixture exists)."""
     from fasterkd.book import _copy_for_book, build_book, execute_notebook
-    from fasterkd.train import preset, run_stage
+    from test_histograms import _train_smoke_runs  # the smoke runs chapter 6 reads
 
     vendor = ROOT / "book" / "_vendor"
     if not (vendor / "widgets" / "embed-amd.js").is_file() or not (vendor / "mathjax" / "tex-mml-chtml.js").is_file():
         _missing(f"{vendor} lacks the browser assets (run `make assets`)")
     run = tmp / "run"
-    kw = dict(device="cpu", progress=False, kd_weight=0.0)
-    base = run_stage(preset("baseline", "smoke", out_dir=str(run / "baseline"), **kw))
-    tutor = run_stage(preset("tutor", "smoke", out_dir=str(run / "tutor"), init=str(base.best), **kw))
-    for name, cn in (("student_c1", False), ("student_convnorm", True)):
-        run_stage(preset("student", "smoke", out_dir=str(run / name), init=str(base.best), tutor=str(tutor.best),
-                         fa_convnorm=cn, **kw))
+    _train_smoke_runs(run)
     executed = tmp / "06_fa_histograms.ipynb"
     execute_notebook(ROOT / "notebooks" / "06_fa_histograms.ipynb", executed,
                      {"profile": "smoke", "run_dir": str(run), "data_root": "", "device": "cpu"},
