@@ -1006,12 +1006,11 @@ def ddp_max_weight_diff(model: nn.Module, info: DistInfo) -> float:
 
 
 def run_evaluation(model: nn.Module, loader, device: torch.device) -> dict[str, Any]:
+    """:func:`fasterkd.evaluate.evaluate` of the unwrapped model (it restores the training flag and
+    returns plain Python numbers)."""
     from fasterkd.evaluate import evaluate
 
-    was = model.training
-    result = evaluate(_unwrap(model), loader, device)
-    model.train(was)
-    return _jsonable({k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.items()})
+    return evaluate(_unwrap(model), loader, device)
 
 
 def run_stage(cfg: TrainConfig, resume: bool | str | os.PathLike = False) -> StageResult:

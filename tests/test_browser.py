@@ -22,7 +22,6 @@ import pytest
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGE = "executed/06_fa_histograms.html"
 SCREENSHOT = Path("/tmp/fa_hist.png")
 WIDGET = ".fasterkd-fa-histograms"
@@ -49,60 +48,11 @@ def _chromium() -> tuple[str, str]:
 # ------------------------------------------------------------------------------ the page
 
 
-def _own_fa_book(tmp: Path) -> Path:
-    """A one-chapter book with notebook 06 run on smoke checkpoints (used until the shared
-    ``smoke_book`` fixture exists)."""
-    from fasterkd.book import _copy_for_book, build_book, execute_notebook
-    from test_histograms import _train_smoke_runs  # the smoke runs chapter 6 reads
-
-    vendor = ROOT / "book" / "_vendor"
-    if not (vendor / "widgets" / "embed-amd.js").is_file() or not (vendor / "mathjax" / "tex-mml-chtml.js").is_file():
-        _missing(f"{vendor} lacks the browser assets (run `make assets`)")
-    run = tmp / "run"
-    _train_smoke_runs(run)
-    executed = tmp / "06_fa_histograms.ipynb"
-    execute_notebook(ROOT / "notebooks" / "06_fa_histograms.ipynb", executed,
-                     {"profile": "smoke", "run_dir": str(run), "data_root": "", "device": "cpu"},
-                     cwd=ROOT / "notebooks")
-    book = tmp / "book"
-    (book / "executed").mkdir(parents=True)
-    (book / "intro.md").write_text("# FA histograms\n\nThe smoke build of chapter 6.\n")
-    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: executed/06_fa_histograms\n")
-    shutil.copy2(ROOT / "book" / "references.bib", book / "references.bib")
-    (book / "_vendor").symlink_to(vendor.resolve(), target_is_directory=True)
-    _copy_for_book(executed, book / "executed" / "06_fa_histograms.ipynb")
-    return build_book(book, config=ROOT / "_config.yml", output_dir=tmp)
-
-
 @pytest.fixture(scope="module")
-def fa_html(request, tmp_path_factory) -> Path:
-    from fasterkd.histograms import CHECKPOINT_NOTEBOOKS
-
-    _chromium()
-    # The whole smoke book once the chapters that train the checkpoints (03-05) exist; until then
-    # a one-chapter book of notebook 06 on checkpoints trained here.
-    upstream = {f"{n}.ipynb" for n in CHECKPOINT_NOTEBOOKS.values()}
-    have = {p.name for p in (ROOT / "notebooks").glob("*.ipynb")}
-    built = None
-    if upstream <= have:
-        try:
-            built = request.getfixturevalue("smoke_book")
-        except pytest.FixtureLookupError:
-            built = None
-    if built is None:
-        tmp = tmp_path_factory.mktemp("fa_book")
-        old = os.environ.get("FASTERKD_CACHE")
-        os.environ["FASTERKD_CACHE"] = str(tmp / "cache")
-        try:
-            built = _own_fa_book(tmp)
-        finally:
-            if old is None:
-                os.environ.pop("FASTERKD_CACHE", None)
-            else:
-                os.environ["FASTERKD_CACHE"] = old
-    html = Path(getattr(built, "html", None) or built)
-    if (html / "_build" / "html").is_dir():
-        html = html / "_build" / "html"
+def fa_html(request) -> Path:
+    """The ``_build/html`` folder of the shared smoke book (conftest's ``smoke_book``)."""
+    _chromium()  # skip before building the book when there is no browser to look at it
+    html = request.getfixturevalue("smoke_book")
     assert (html / PAGE).is_file(), f"the smoke book has no {PAGE} (found {sorted(p.name for p in html.iterdir())})"
     return html
 
