@@ -49,8 +49,8 @@ class _EvalForward:
     def __init__(self, model: nn.Module, size: tuple[int, int] | str) -> None:
         self.model, self.x = model, _dummy_input(model, size)
 
-    def run(self, hook) -> None:
-        handles = [m.register_forward_hook(hook) for m in self.model.modules()]
+    def run(self, hook=None) -> None:
+        handles = [m.register_forward_hook(hook) for m in self.model.modules()] if hook is not None else []
         was = self.model.training
         try:
             self.model.eval()
@@ -116,14 +116,8 @@ def count_flops(model: nn.Module, size: tuple[int, int] | str = (1024, 2048)) ->
     """FLOPs of one eval forward as ``torch.utils.flop_counter`` counts them (2 per MAC of matmul-like ops)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    x = _dummy_input(model, size)
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
-    finally:
-        model.train(was)
+    with FlopCounterMode(display=False) as counter:
+        _EvalForward(model, size).run()
     return int(counter.get_total_flops())
 
 
