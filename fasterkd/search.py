@@ -61,10 +61,9 @@ from fasterkd.train import (
     resolve_data_root,
     rng_state,
     run_evaluation,
-    seed_everything,
     set_rng_state,
 )
-from fasterkd.utils import atomic_write_json
+from fasterkd.utils import atomic_write_json, seed_everything
 
 ARCH = 0  # the single (student) architecture of the search supernet
 EVAL_HEAD = "8s_32s"  # FasterSeg validates the "8s_32s" and "16s_32s" heads (spec §6.4)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fasterkd
-from fasterkd.utils import atomic_path, atomic_torch_save, atomic_write_json, parse_size, pick_device
+from fasterkd.utils import atomic_path, atomic_torch_save, atomic_write_json, parse_size, pick_device, seed_everything
 
 STAGES = ("teacher", "search", "baseline", "tutor", "student", "head")
 PROFILES = ("smoke", "quick", "paper")
@@ -835,13 +835,6 @@ def build_convnorm(model: nn.Module, tutor: nn.Module, cfg: TrainConfig, device:
 # --------------------------------------------------------------------------------------------
 # Checkpoint state
 # --------------------------------------------------------------------------------------------
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and Python's ``random`` (the supernet's ``random`` widths draw from it)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
