@@ -19,14 +19,13 @@ def _cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def search_run(tmp_path_factory):
-    import os
-
-    os.environ.setdefault("FASTERKD_CACHE", str(tmp_path_factory.getbasetemp() / "fasterkd-cache"))
     out = tmp_path_factory.mktemp("search")
     # kd_weight=0: FasterSeg's objective without the HRNet term (the CLI chain test covers Eq. 7 in full)
     cfg = preset("search", "smoke", out_dir=str(out / "run"), device="cpu", progress=False, epochs=2, kd_weight=0.0,
                  **{"search.lasts": ((2, 0), (2, 1))})  # both of FasterSeg's candidates (smoke keeps [2, 1])
-    return cfg, run_stage(cfg)
+    with pytest.MonkeyPatch.context() as mp:  # the same cache as _cache, without leaking past this module
+        mp.setenv("FASTERKD_CACHE", str(tmp_path_factory.getbasetemp() / "fasterkd-cache"))
+        return cfg, run_stage(cfg)
 
 
 def test_supernet_space_is_the_one_arch_student_space():
