@@ -35,17 +35,9 @@ def smoke_book_result(tmp_path_factory):
     assets_or_skip()
     base = tmp_path_factory.mktemp("smoke-book")
     book = stage_book(base / "book")
-    # the synthetic data the notebooks write go to this session's temporary cache
-    old = os.environ.get("FASTERKD_CACHE")
-    os.environ["FASTERKD_CACHE"] = str(base / "cache")
-    try:
-        result = run_book("smoke", run_dir=base / "run", device="cpu", book_dir=book, output_dir=base)
-    finally:
-        if old is None:
-            os.environ.pop("FASTERKD_CACHE", None)
-        else:
-            os.environ["FASTERKD_CACHE"] = old
-    return result
+    with pytest.MonkeyPatch.context() as mp:  # the notebooks' synthetic data go to this session's temporary cache
+        mp.setenv("FASTERKD_CACHE", str(base / "cache"))
+        return run_book("smoke", run_dir=base / "run", device="cpu", book_dir=book, output_dir=base)
 
 
 @pytest.fixture(scope="session")
