@@ -576,6 +576,7 @@ def validation_items(source: "TrainConfig | str | os.PathLike", count: int, data
     if data_root:
         data.root = str(data_root)
     ds = build_dataset(resolve_data_root(data), data.val_split, transform=EvalTransform())
+    ds = synthetic_subset(ds, data, data.val_split)
     if len(ds) == 0:
         raise ValueError(f"the {data.val_split!r} split of {data.root or 'the synthetic data'} holds no images")
     return [ds[i] for i in range(min(int(count), len(ds)))]
