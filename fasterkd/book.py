@@ -146,6 +146,11 @@ def notebook_source_hash(path: str | os.PathLike) -> str:
     return _sha(cells)
 
 
+def _link(entry: dict[str, Any]) -> str:
+    """What a notebook passes down the chain: its key and the id of the run that produced it."""
+    return _sha([entry["key"], entry["run_id"]])
+
+
 def notebook_key(source_hash: str, parameters: dict[str, Any], pkg_hash: str, upstream: str) -> str:
     """The chained key of one notebook: its source, its parameters, the package, its upstream."""
     return _sha({"source": source_hash, "parameters": parameters, "package": pkg_hash, "upstream": upstream})
@@ -375,14 +380,14 @@ def run_book(
         out = run_dir / "notebooks" / f"{name}.ipynb"
         if name not in selected:
             # not run now: the chain continues from what its last successful run recorded
-            upstream = _sha([entry["key"], entry["run_id"]]) if entry else _sha([key, "never-run"])
+            upstream = _link(entry) if entry else _sha([key, "never-run"])
             continue
         i += 1
         fresh = entry is not None and entry.get("key") == key and out.is_file() and not force
         if dry_run:
             log(f"[{i}/{total}] {name}: " + ("unchanged, would be skipped" if fresh else "would run"))
             result.notebooks.append(NotebookRun(name, "skipped" if fresh else "would run", 0.0, key, out))
-            upstream = _sha([entry["key"], entry["run_id"]]) if fresh else _sha([key, "would-run"])
+            upstream = _link(entry) if fresh else _sha([key, "would-run"])
             continue
         if fresh:
             log(f"[{i}/{total}] {name}: unchanged, skipped (last run {_fmt_s(entry.get('seconds', 0.0))})")
@@ -412,7 +417,7 @@ def run_book(
             log(f"[{i}/{total}] {name}: done in {_fmt_s(seconds)}")
         _copy_for_book(out, executed_dir / f"{name}.ipynb")
         result.notebooks.append(NotebookRun(name, status, seconds, key, out))
-        upstream = _sha([entry["key"], entry["run_id"]])
+        upstream = _link(entry)
     if dry_run:
         would = sum(n.status == "would run" for n in result.notebooks)
         log(f"book: dry run: {would} would run, {len(result.skipped)} would be skipped")

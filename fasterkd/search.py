@@ -211,7 +211,6 @@ class Searcher:
         # no DistributedDataParallel wrapper: a step runs the supernet several times (sandwich rule,
         # Eq. 7's max/min terms) before one backward, which DDP's reducer refuses; the ranks average
         # their gradients with average_gradients() instead
-        self.ddp = self.net
 
     # -- checkpoint --------------------------------------------------------------------------
 
@@ -309,7 +308,7 @@ class Searcher:
         n = len(loader_w) if loader_a is None else min(len(loader_w), len(loader_a))
         if cfg.max_steps_per_epoch:
             n = min(n, cfg.max_steps_per_epoch)
-        self.ddp.train()
+        self.net.train()
         sums: dict[str, float] = {}
         t0, images = time.perf_counter(), 0
         bar = _progress(n, f"{'search' if searching else 'pretrain'} {epoch + 1}", cfg.progress, self.info.main)
@@ -326,10 +325,10 @@ class Searcher:
                 xa, ya = ab["image"].to(dev), ab["label"].to(dev)
                 self.a_opt.zero_grad(set_to_none=True)
                 with torch.autocast(**ac):
-                    preds = self.ddp(xa, ARCH, "arch_ratio")
+                    preds = self.net(xa, ARCH, "arch_ratio")
                     seg = seg_terms(preds, ya, cfg)
                     for mode in ("max", "min"):
-                        seg = seg + seg_terms(self.ddp(xa, ARCH, mode), ya, cfg)
+                        seg = seg + seg_terms(self.net(xa, ARCH, mode), ya, cfg)
                     arch_loss = seg
                     if self.teacher is not None:
                         with torch.no_grad():
@@ -348,7 +347,7 @@ class Searcher:
             self.w_opt.zero_grad(set_to_none=True)
             modes = ("arch_ratio", "max", "min") if searching else ("max", "min", "random", "random")
             with torch.autocast(**ac):
-                loss = sum(seg_terms(self.ddp(x, ARCH, m), y, cfg) for m in modes)
+                loss = sum(seg_terms(self.net(x, ARCH, m), y, cfg) for m in modes)
             terms["seg"] = loss
             self._check(loss, terms, step, epoch, i, last)
             loss.backward()
