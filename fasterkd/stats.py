@@ -270,13 +270,16 @@ def share_near(values: object, target: float = 1.0, tol: float = 0.05) -> float:
     """The fraction (0..1) of ``values`` within ``tol`` of ``target`` (|v - target| <= tol).
 
     For claim 4 (§4.3, Fig. 4): the share of affinity entries S_ij near 1 with and without
-    ConvNorm, one share per seed and setting, compared with :func:`paired_difference`. Pass
-    numpy arrays or detached CPU tensors; every value must be finite.
+    ConvNorm, one share per seed and setting, compared with :func:`paired_difference` (times 100
+    and ``unit="percentage points"``, so the forest plot's axis reads in percent). A t interval
+    on shares can reach past 0 or 100 when the shares sit near a bound; the bootstrap cannot.
+    Pass numpy arrays or detached CPU tensors; every value must be finite.
     """
     try:
         arr = np.asarray(values, dtype=float).ravel()
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ValueError(f"values: expected an array of numbers, got {type(values).__name__}") from exc
+        raise ValueError(f"values: expected an array of numbers (detached CPU tensors are fine), "
+                         f"got {type(values).__name__}: {exc}") from exc
     if arr.size == 0:
         raise ValueError("values: empty, no share to compute")
     if not np.isfinite(arr).all():

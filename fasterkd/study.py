@@ -176,7 +176,8 @@ def class_group_gains(iou_a: object, iou_b: object, *, claim: str = "FA gain",
 # --------------------------------------------------------------------------------------------
 
 
-def _checked(results: Sequence[PairedDifference], paper: Mapping[str, float] | None) -> tuple[list[PairedDifference], dict[str, float | None]]:
+def _checked(results: Sequence[PairedDifference],
+             paper: Mapping[str, float] | None) -> tuple[list[PairedDifference], dict[str, float | None]]:
     """The results as a list and each claim's paper number (``paper`` overrides the results' own)."""
     results = list(results)
     if not results:
@@ -198,7 +199,8 @@ def _checked(results: Sequence[PairedDifference], paper: Mapping[str, float] | N
     return results, numbers
 
 
-def summary_table(results: Sequence[PairedDifference], paper: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
+def summary_table(results: Sequence[PairedDifference],
+                  paper: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
     """One row per claim: claim, unit, n, mean, lo, hi, method, confidence, resolved, paper (None
     where the paper gives no number) and the verdict line. Plain dicts, so a notebook can show
     them with :func:`fasterkd.viz.markdown_table` without pandas."""
@@ -265,7 +267,8 @@ def forest_plot(results: Sequence[PairedDifference], paper: Mapping[str, float] 
             axis.annotate(text, xy=(1.02, y), xycoords=("axes fraction", "data"), va="center", ha="left",
                           fontsize=8, gid="row_text")
         axis.axvline(0.0, color="0.3", lw=1, ls="--", gid="zero")
-        xs = [0.0] + [v for r in rows for v in (r.lo, r.hi)] + [numbers[r.claim] for r in rows if numbers[r.claim] is not None]
+        xs = [0.0] + [v for r in rows for v in (r.lo, r.hi)]
+        xs += [numbers[r.claim] for r in rows if numbers[r.claim] is not None]
         span = max(xs) - min(xs) or 1.0
         axis.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.08 * span)
         axis.set_ylim(-0.6, len(rows) - 0.4)
