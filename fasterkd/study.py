@@ -178,7 +178,8 @@ def class_group_gains(iou_a: object, iou_b: object, *, claim: str = "FA gain",
 
 def _checked(results: Sequence[PairedDifference],
              paper: Mapping[str, float] | None) -> tuple[list[PairedDifference], dict[str, float | None]]:
-    """The results as a list and each claim's paper number (``paper`` overrides the results' own)."""
+    """The results as a list and each claim's paper number (``paper`` overrides the results' own;
+    each of its keys must name a claim, so that a misspelt one cannot silently drop a marker)."""
     results = list(results)
     if not results:
         raise ValueError("results: no claims given")
@@ -201,13 +202,14 @@ def _checked(results: Sequence[PairedDifference],
 
 def summary_table(results: Sequence[PairedDifference],
                   paper: Mapping[str, float] | None = None) -> list[dict[str, Any]]:
-    """One row per claim: claim, unit, n, mean, lo, hi, method, confidence, resolved, paper (None
-    where the paper gives no number) and the verdict line. Plain dicts, so a notebook can show
-    them with :func:`fasterkd.viz.markdown_table` without pandas."""
+    """One row per claim: claim, unit, n, mean, lo, hi, method, "confidence (%)", resolved, paper
+    (None where the paper gives no number) and the verdict line. Plain dicts, so a notebook can
+    show them with :func:`fasterkd.viz.markdown_table` without pandas. ``paper`` as in
+    :func:`forest_plot`."""
     results, numbers = _checked(results, paper)
     return [
         {"claim": r.claim, "unit": r.unit, "n": r.n, "mean": r.mean, "lo": r.lo, "hi": r.hi, "method": r.method,
-         "confidence": r.confidence, "resolved": r.resolved, "paper": numbers[r.claim], "verdict": r.verdict()}
+         "confidence (%)": 100 * r.confidence, "resolved": r.resolved, "paper": numbers[r.claim], "verdict": r.verdict()}
         for r in results
     ]
 

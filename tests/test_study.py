@@ -172,10 +172,10 @@ def test_summary_table_rows():
     assert [r["claim"] for r in rows] == ["tutor - baseline", "FA c=1 - c=0", "ConvNorm: S_ij near 1",
                                           "pixel shuffle - bilinear"]
     first = rows[0]
-    assert set(first) == {"claim", "unit", "n", "mean", "lo", "hi", "method", "confidence", "resolved", "paper",
+    assert set(first) == {"claim", "unit", "n", "mean", "lo", "hi", "method", "confidence (%)", "resolved", "paper",
                           "verdict"}
     assert (first["n"], first["mean"], first["method"], first["resolved"], first["paper"]) == (3, 2.0, "t", False, 3.5)
-    assert first["lo"] == pytest.approx(-0.48414, abs=1e-5)
+    assert first["lo"] == pytest.approx(-0.48414, abs=1e-5) and first["confidence (%)"] == 95.0
     assert rows[1]["paper"] == 1.3  # the mapping overrides the result's own 9.9
     assert rows[2]["paper"] is None and rows[2]["unit"] == "percentage points"
     assert rows[2]["mean"] == pytest.approx(200 / 3)
