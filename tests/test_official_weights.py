@@ -23,6 +23,7 @@ from fasterkd.models.official import (
     fasterseg_state_dict,
     from_official_weights,
     load_fasterseg_weights,
+    save_fasterseg_weights,
     official_name,
     official_names,
 )
@@ -223,6 +224,10 @@ def test_official_file_on_disk_picks_the_arch(arch_1, official, tmp_path) -> Non
     torch.save({"state_dict": {"module." + k: v for k, v in official.items()}}, path)
     assert torch.equal(from_official_weights(path, arch=arch_1).stem[0].bn.running_mean,
                        official["stem.0.conv.1.running_mean"])
+    # our writer gives a file that loads back to the same entries
+    saved = save_fasterseg_weights(model, tmp_path / "out" / "weights_ours.pt")
+    reread = torch.load(saved, weights_only=True)
+    assert set(reread) == set(official) and all(torch.equal(reread[k], v) for k, v in official.items())
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         from_official_weights(tmp_path / "nope.pt")
     (tmp_path / "junk.pt").write_text("not a torch file")

@@ -1,8 +1,9 @@
 """Weights of the official FasterSeg code: its state-dict names, loading them and writing them.
 
 The official ``train/train.py`` saves ``model.state_dict()`` of ``Network_Multi_Path_Infer``
-(FasterSeg spec §8). Its names differ from ours in four places, because it builds ConvNorm two
-ways and wraps every cell op twice:
+(FasterSeg spec §8). Its names differ from ours where it builds a ConvNorm as one Sequential
+(``operations.ConvNorm``), wraps every cell op twice, and keeps the prediction module's parts at
+the top level:
 
 ============================================  ===============================================
 ours                                          official
@@ -28,8 +29,8 @@ Only the bilinear prediction module exists in the official code: a pixel-shuffle
 tutor has modules with no official name, and exporting them fails naming the first one.
 
 One function, :func:`_transfer`, moves tensors between the two namings in both directions and
-checks every entry: presence, shape, integer-vs-float type, and that the two names of a shared
-cell hold the same values. It stops at the first problem and names the key.
+checks every entry (presence, shape, integer-vs-float type, no extra entry); loading also checks
+that the two names of a shared cell hold the same values. The first problem raises, naming the key.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from torch import Tensor
 from fasterkd.models import OFFICIAL_STUDENT_ARCH, official_arch
 from fasterkd.models.arch import ArchSpec
 from fasterkd.models.student import FasterSegStudent, StudentConfig
+from fasterkd.utils import atomic_torch_save
 
 OFFICIAL_TEACHER_ARCH = "fasterseg_teacher.json"
 
@@ -189,6 +191,14 @@ def fasterseg_state_dict(model: FasterSegStudent) -> dict[str, Tensor]:
     return _transfer(ours, back, {theirs: ours[mine] for mine, theirs in names.items()}, "exporting official names")
 
 
+def save_fasterseg_weights(model: FasterSegStudent, path: str | os.PathLike) -> Path:
+    """Write :func:`fasterseg_state_dict` of ``model`` to ``path`` (atomically), as the official
+    ``train.py`` writes ``weights*.pt``; returns the path."""
+    state = {k: v.detach().cpu() for k, v in fasterseg_state_dict(model).items()}  # shared cells keep one storage
+    atomic_torch_save(state, path)
+    return Path(path)
+
+
 def from_official_weights(weights: Mapping[str, Any] | str | os.PathLike,
                           arch: ArchSpec | str | os.PathLike | None = None) -> FasterSegStudent:
     """A bilinear-head FasterSeg network holding official weights, ready to evaluate or fine-tune.
@@ -221,5 +231,6 @@ __all__ = [
     "official_names",
     "load_fasterseg_weights",
     "fasterseg_state_dict",
+    "save_fasterseg_weights",
     "from_official_weights",
 ]
