@@ -4,7 +4,7 @@
 
 - ``"student"``: the derived FasterSeg student (:mod:`fasterkd.models.student`);
 - ``"tutor"``: the student plus a 1/4 path (:mod:`fasterkd.models.tutor`; kw: ``quarter_depth``,
-  ``refine_kernel``, ``quarter_channels``);
+  ``quarter_widths``, ``refine_kernel``, ``head_resolution``);
 - ``"supernet"``: the FasterSeg search space (:mod:`fasterkd.models.supernet`; kw go to
   ``SupernetConfig``);
 - ``"hrnet-w18-small-v1"``, ``"hrnet-w18-small-v2"``, ``"hrnet-w18"``, ``"hrnet-w48"``,
@@ -63,7 +63,7 @@ def build_model(name: str, arch: ArchSpec | str | os.PathLike | None = None, hea
     elif name == "tutor":
         from fasterkd.models.tutor import Tutor, TutorConfig
 
-        allowed = {"quarter_depth", "refine_kernel", "quarter_channels"}
+        allowed = {"quarter_depth", "quarter_widths", "refine_kernel", "head_resolution"}
         if set(kw) - allowed:
             raise ValueError(f"build_model('tutor') options are {sorted(allowed)}, got {sorted(set(kw) - allowed)}")
         return Tutor(TutorConfig(arch=resolve_arch(arch), num_classes=num_classes, head=head, **kw))

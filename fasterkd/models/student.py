@@ -26,10 +26,7 @@ ops halve the size twice per rate, spec §12 item 19) and the logits are cropped
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -263,99 +260,6 @@ class FasterSegStudent(nn.Module):
         return out
 
 
-# --------------------------------------------------------------------------- official weights
-
-
-def _official_to_ours(name: str) -> str:
-    """Map one official FasterSeg state-dict name to this module's name (spec §8)."""
-    if name.startswith("module."):  # saved from DataParallel
-        name = name[len("module."):]
-    if name.startswith("cells."):
-        # official: cells.{l}-{b}._op.<op params>; ours: cells.{l}-{b}.<op params>
-        prefix, key, rest = name.split(".", 2)
-        if rest.startswith("_op."):
-            rest = rest[len("_op."):]
-        return f"{prefix}.{key}.{rest}"
-    if name.startswith("ffm."):
-        return "predictor." + name
-    if name.startswith("heads8."):
-        return "predictor.head." + name[len("heads8."):]
-    return name
-
-
-def _ours_to_official(name: str) -> str:
-    if name.startswith("cells."):
-        prefix, key, rest = name.split(".", 2)
-        return f"{prefix}.{key}._op.{rest}"
-    if name.startswith("predictor.ffm."):
-        return name[len("predictor."):]
-    if name.startswith("predictor.head."):
-        return "heads8." + name[len("predictor.head."):]
-    return name
-
-
-def fasterseg_state_dict(model: FasterSegStudent) -> dict[str, Tensor]:
-    """This model's weights under the official FasterSeg names (inverse of :func:`load_fasterseg_weights`).
-
-    Shared cells appear under every name they are registered with, like the released weights.
-    Modules the official network does not have (the pixel-shuffle refine, a tutor's 1/4 path)
-    keep their own names.
-    """
-    return {_ours_to_official(k): v for k, v in model.state_dict(keep_vars=False).items()}
-
-
-def load_fasterseg_weights(model: FasterSegStudent, state_dict: Mapping[str, Any] | str | os.PathLike) -> FasterSegStudent:
-    """Load weights saved by the official FasterSeg code into ``model`` (in place; returns it).
-
-    ``state_dict`` is the state dict itself or the path of the official ``weights.pt`` (read with
-    ``torch.load(weights_only=True)``: no pickled code runs; a ``{"state_dict": ...}`` wrapper is
-    unwrapped).
-
-    One mapping from the official names (spec §8: ``stem.*``, ``cells.{l}-{b}._op.*`` with duplicated
-    keys for shared layers, ``arms32``, ``refines32``, ``arms16``, ``refines16``, ``ffm``, ``heads8``,
-    ``heads16``, ``heads32``; an optional ``module.`` prefix) to ours. Every shape is checked; any
-    missing key, unexpected key or shape mismatch raises ``ValueError`` listing the keys by their
-    official names, and nothing is loaded.
-    """
-    if isinstance(state_dict, (str, os.PathLike)):
-        path = Path(state_dict)
-        if not path.is_file():
-            raise FileNotFoundError(f"FasterSeg weights file {path} does not exist (expected the official weights.pt)")
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(state_dict, Mapping) and isinstance(state_dict.get("state_dict"), Mapping):
-            state_dict = state_dict["state_dict"]
-    if not isinstance(state_dict, Mapping):
-        raise ValueError(f"state_dict must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
-    ours = model.state_dict()
-    mapped: dict[str, Tensor] = {}
-    seen: set[str] = set()
-    unexpected: list[str] = []
-    mismatched: list[str] = []
-    for name, value in state_dict.items():
-        key = _official_to_ours(name)
-        if key not in ours:
-            unexpected.append(name)
-            continue
-        seen.add(key)
-        if not isinstance(value, Tensor) or value.shape != ours[key].shape:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            mismatched.append(f"{name}: checkpoint {got} vs model {tuple(ours[key].shape)}")
-            continue
-        mapped[key] = value
-    missing = [_ours_to_official(k) for k in ours if k not in seen]
-    if missing or unexpected or mismatched:
-        lines = ["official FasterSeg weights do not fit this model:"]
-        if mismatched:
-            lines.append(f"  shape mismatches ({len(mismatched)}): " + "; ".join(mismatched))
-        if missing:
-            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
-        if unexpected:
-            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(mapped, strict=True)
-    return model
-
-
 def build_student(arch: ArchSpec, num_classes: int = 19, head: str = "bilinear") -> FasterSegStudent:
     """Plain constructor: ``FasterSegStudent(StudentConfig(arch, num_classes, head))``."""
     return FasterSegStudent(StudentConfig(arch=arch, num_classes=num_classes, head=head))
@@ -367,7 +271,5 @@ __all__ = [
     "CellInfo",
     "cell_table",
     "pad_to_multiple",
-    "load_fasterseg_weights",
-    "fasterseg_state_dict",
     "build_student",
 ]
