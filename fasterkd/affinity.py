@@ -157,32 +157,52 @@ def _upper_blocks(n: int, tile: int) -> list[tuple[int, int, int, int]]:
     return [(i0, i1, j0, j1) for k, (i0, i1) in enumerate(blocks) for j0, j1 in blocks[k:]]
 
 
-# Bits <-> bytes with one int64 multiply per 8 entries. A bool tensor viewed as int64 holds 8
-# entries as bytes 0/1 (entry k in byte k, little-endian); multiplying by this constant moves
-# byte k to bit 56 + k without carries (every product bit lands at a distinct position).
-_PACK_MAGIC = 0x0102040810204080
+# Bits <-> bytes, eight entries per int64 operation (PyTorch has no bit tensors). A bool tensor
+# viewed as int64 holds 8 entries as bytes 0/1 (entry k in byte k, little-endian); multiplying by
+# _PACK moves byte k to bit 56 + k without carries (every product bit lands at a distinct place).
+# Unpacking copies the byte to all 8 bytes (_SPREAD), keeps bit k in byte k (_PICK), turns a
+# non-zero byte into 0x80 and down to 0x01 (+0x7F, & 0x80.., >> 7), then maps 1 -> 0xFF (-1 as
+# int8) and 0 -> 0x01 (+1) with a per-byte multiply by 0xFE (no carries) and | 0x01.
+_PACK = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_PICK = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_HIGH = 0x8080808080808080 - (1 << 64)
 
 
 def _pack_bits(mask: Tensor) -> Tensor:
     """Flat bool tensor whose length is a multiple of 8 -> uint8, entry 8m + k in bit k of byte m."""
     v = mask.view(torch.uint8).view(torch.int64)
-    return v.mul(_PACK_MAGIC).bitwise_right_shift_(56).bitwise_and_(255).to(torch.uint8)
+    return v.mul(_PACK).bitwise_right_shift_(56).bitwise_and_(255).to(torch.uint8)
 
 
-def _bit_table(dtype: torch.dtype, device: torch.device, zero: float, one: float) -> Tensor:
-    """(256, 8) table: row m is the 8 entries of byte m, ``one`` where the bit is set, else ``zero``."""
-    bits = (torch.arange(256, device=device)[:, None] >> torch.arange(8, device=device)) & 1
-    return torch.where(bits.bool(), one, zero).to(dtype)
+def _unpack_bits(packed: Tensor, signed: bool) -> Tensor:
+    """uint8 bits -> int8 entries (8 per byte): a set bit gives -1 (``signed``) or 1, else 1 or 0."""
+    v = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_PICK)
+    v = v.add_(0x7F7F7F7F7F7F7F7F).bitwise_and_(_HIGH).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
+    if signed:
+        v = v.mul_(0xFE).bitwise_or_(_SPREAD)
+    return v.view(torch.int8)
 
 
 def _padded(count: int) -> int:
     return (count + 7) // 8 * 8
 
 
+def _xy(a: Tensor, b: Tensor, need_y: bool = True) -> tuple[Tensor, Tensor | None]:
+    """X = [A, B] and Y = [A, -B] of one image, (N, C_t + C_s), as transposed views.
+
+    The rows are usually transposed views of (C, N) maps (:func:`pixel_rows`): concatenating the
+    (C, N) transposes is a plain copy, where concatenating the (N, C) views gathers strided rows.
+    """
+    xt = torch.cat([a.t(), b.t()], dim=0)
+    yt = torch.cat([a.t(), b.t().neg()], dim=0) if need_y else None
+    return xt.t(), (yt.t() if yt is not None else None)
+
+
 class _TiledFA(torch.autograd.Function):
     """Exact Eq. 5 over T x T blocks of D (upper block triangle).
 
-    q = 1: the forward stores sign(D) of every visited block as bits (bit = D > 0, plus a bit
+    q = 1: the forward stores sign(D) of every visited block as bits (bit = D <= 0, plus a bit
     plane of exact zeros for the rare blocks that have any), so the backward only multiplies.
     q = 2 (or ``keep_signs=False``): the backward recomputes each block.
     """
@@ -197,6 +217,7 @@ class _TiledFA(torch.autograd.Function):
         # One flat buffer for every block product: no allocation (and no page faults) per block.
         buf = torch.empty(_padded(t * t), dtype=a.dtype, device=a.device)
         mask = torch.zeros(_padded(t * t), dtype=torch.bool, device=a.device)
+        ebuf = torch.empty_like(buf) if q == 1 else None
         offsets = [0]
         for i0, i1, j0, j1 in blocks:
             offsets.append(offsets[-1] + _padded((i1 - i0) * (j1 - j0)) // 8)
@@ -204,19 +225,22 @@ class _TiledFA(torch.autograd.Function):
         zeros: dict[tuple[int, int], Tensor] = {}
         sums = torch.empty(nb, len(blocks), dtype=acc, device=a.device)
         for img in range(nb):
-            x = torch.cat([a[img], b[img]], dim=1)  # (N, C_t + C_s)
-            y = torch.cat([a[img], -b[img]], dim=1)  # X_I Y_J^T = A_I A_J^T - B_I B_J^T
+            x, y = _xy(a[img], b[img])  # X_I Y_J^T = A_I A_J^T - B_I B_J^T
             for k, (i0, i1, j0, j1) in enumerate(blocks):
                 size = (i1 - i0) * (j1 - j0)
                 d = buf[:size].view(i1 - i0, j1 - j0)
                 torch.mm(x[i0:i1], y[j0:j1].t(), out=d)
                 # Every pass below reads the block while it is still in cache (T = 256: 256 KiB).
-                sums[img, k] = torch.linalg.vector_norm(d, ord=q, dtype=acc)
+                if q == 2:
+                    sums[img, k] = torch.linalg.vector_norm(d, ord=2, dtype=acc)
+                    continue
+                e = torch.abs(d, out=ebuf[:size].view(i1 - i0, j1 - j0))
+                sums[img, k] = e.sum(dtype=acc)
                 if keep:
                     m = mask[:size].view(i1 - i0, j1 - j0)
-                    torch.gt(d, 0, out=m)
+                    torch.le(d, 0, out=m)  # bit set: sign -1 (or 0, see below)
                     signs[img, offsets[k]:offsets[k + 1]] = _pack_bits(mask[: _padded(size)])
-                    if int(torch.count_nonzero(d)) != size:  # exact zeros: sign 0, not -1
+                    if float(e.min()) == 0.0:  # exact zeros (zero pixels on both sides): sign 0
                         torch.eq(d, 0, out=m)
                         zeros[(img, k)] = _pack_bits(mask[: _padded(size)])
         if q == 2:
@@ -243,9 +267,6 @@ class _TiledFA(torch.autograd.Function):
         t = min(tile, n)
         buf = torch.empty(_padded(t * t), dtype=a.dtype, device=a.device)
         if signs is not None:
-            sign_table = _bit_table(a.dtype, a.device, -1.0, 1.0)  # bit set: D > 0
-            zero_table = _bit_table(a.dtype, a.device, 0.0, 1.0)  # adds 1 back where D == 0
-            index = torch.empty(_padded(t * t) // 8, dtype=torch.int64, device=a.device)
             fix = torch.empty_like(buf)
         # phi = sign(D) (q=1) or 2D (q=2); dL/dA = +(2/N^2) phi A, dL/dB = -(2/N^2) phi B, each
         # divided by the batch size (batch mean). phi V is accumulated for V = [A, B] or B only.
@@ -255,9 +276,11 @@ class _TiledFA(torch.autograd.Function):
         grad_a = a.new_empty(nb, ct, n, dtype=acc).transpose(1, 2) if need_a else None
         grad_b = b.new_empty(nb, b.shape[2], n, dtype=acc).transpose(1, 2) if need_b else None
         for img in range(nb):
-            x = torch.cat([a[img], b[img]], dim=1)
-            y = torch.cat([a[img], -b[img]], dim=1)
-            v = x if need_a else b[img]  # rows multiplied by phi
+            if signs is None:
+                x, y = _xy(a[img], b[img])
+                v = x if need_a else b[img]  # rows multiplied by phi
+            else:  # no products to recompute: only the rows phi multiplies
+                v = _xy(a[img], b[img], need_y=False)[0] if need_a else b[img]
             g = torch.zeros(n, v.shape[1], dtype=acc, device=a.device)
             for k, (i0, i1, j0, j1) in enumerate(blocks):
                 size = (i1 - i0) * (j1 - j0)
@@ -267,13 +290,9 @@ class _TiledFA(torch.autograd.Function):
                     if q == 1:
                         d.sign_()
                 else:
-                    packed = signs[img, ctx.offsets[k]:ctx.offsets[k + 1]]
-                    idx = index[: packed.numel()]
-                    idx.copy_(packed)
-                    torch.index_select(sign_table, 0, idx, out=buf[: _padded(size)].view(-1, 8))
-                    if (img, k) in ctx.zeros:
-                        idx.copy_(ctx.zeros[(img, k)])
-                        torch.index_select(zero_table, 0, idx, out=fix[: _padded(size)].view(-1, 8))
+                    buf[: _padded(size)].copy_(_unpack_bits(signs[img, ctx.offsets[k]:ctx.offsets[k + 1]], signed=True))
+                    if (img, k) in ctx.zeros:  # -1 there so far: add 1 back where D == 0
+                        fix[: _padded(size)].copy_(_unpack_bits(ctx.zeros[(img, k)], signed=False))
                         buf[:size] += fix[:size]
                 if acc == d.dtype:
                     g[i0:i1].addmm_(d, v[j0:j1])

@@ -304,9 +304,15 @@ def test_sign_bits_round_trip(size):
     torch.gt(d[:size], 0, out=mask[:size])
     packed = affinity._pack_bits(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == affinity._padded(size) // 8
-    table = affinity._bit_table(torch.float32, d.device, -1.0, 1.0)
-    phi = table[packed.long()].view(-1)[:size]
-    assert torch.equal(phi, torch.where(d[:size] > 0, 1.0, -1.0))
+    phi = affinity._unpack_bits(packed, signed=True).float()[:size]
+    assert torch.equal(phi, torch.where(d[:size] > 0, -1.0, 1.0))
+    ones = affinity._unpack_bits(packed, signed=False)[:size]
+    assert ones.dtype == torch.int8 and torch.equal(ones.bool(), mask[:size])
+    # Every byte value, so each bit position is checked set and unset next to every neighbour.
+    every = torch.arange(256, dtype=torch.uint8)
+    expected = (every[:, None].long() >> torch.arange(8)) & 1
+    assert torch.equal(affinity._unpack_bits(every, signed=False).view(256, 8).long(), expected)
+    assert torch.equal(affinity._pack_bits(expected.bool().flatten()), every)
 
 
 @pytest.mark.parametrize("n,tile", [(30, 7), (64, 8), (65, 16), (100, 33), (40, 1000)])
