@@ -19,8 +19,10 @@ and the batch loss is the mean over images. Four implementations give the same f
     D_IJ = X_I Y_J^T. Gradient (phi = sign(D) for q = 1, 2D for q = 2; phi is symmetric):
     dL/dB = -(2/N^2) phi B and, only when asked for (ConvNorm ablation), dL/dA = +(2/N^2) phi A.
     For q = 1 the forward keeps sign(D) as bits (N^2/16 bytes per image) and the backward only
-    multiplies; q = 2 recomputes the blocks. Small blocks (T = 256, 256 KiB in fp32) keep the
-    norm and sign passes in cache. ``torch.sign(0) = 0``, the convention of autograd's ``abs``,
+    multiplies; q = 2 recomputes the blocks. The element-wise passes (abs, sum, sign bits) run
+    on each block right after its product, while it is still in cache; the default T = 512 (1 MiB
+    in fp32) beat T = 256 (256 KiB, fits the 512 KiB L2) on the development CPU, whose per-op
+    overhead then dominates. ``torch.sign(0) = 0``, the convention of autograd's ``abs``,
     is kept by a second bit plane for blocks with exact zeros (zero pixels on both sides).
 ``"gram"``
     q = 2 only, exact and O(B N C^2): sum_ij D_ij^2 = |A^T A|^2 - 2 |A^T B|^2 + |B^T B|^2.
@@ -50,7 +52,7 @@ INTERPS = ("affinity", "features")
 AUTO_REFERENCE_MAX_PIXELS = 1024
 # ``auto`` never picks the reference when its planning estimate exceeds this.
 AUTO_REFERENCE_MAX_BYTES = 1 << 30
-DEFAULT_TILE = 256
+DEFAULT_TILE = 512
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +232,7 @@ class _TiledFA(torch.autograd.Function):
                 size = (i1 - i0) * (j1 - j0)
                 d = buf[:size].view(i1 - i0, j1 - j0)
                 torch.mm(x[i0:i1], y[j0:j1].t(), out=d)
-                # Every pass below reads the block while it is still in cache (T = 256: 256 KiB).
+                # Every pass below reads the block right after its product, while it is in cache.
                 if q == 2:
                     sums[img, k] = torch.linalg.vector_norm(d, ord=2, dtype=acc)
                     continue
