@@ -53,6 +53,8 @@ AUTO_REFERENCE_MAX_PIXELS = 1024
 # ``auto`` never picks the reference when its planning estimate exceeds this.
 AUTO_REFERENCE_MAX_BYTES = 1 << 30
 DEFAULT_TILE = 512
+# ``auto`` keeps DEFAULT_TILE unless another tile was measured faster by more than this fraction.
+AUTO_TILE_TIE = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +390,13 @@ def auto_choice(a: Tensor, b: Tensor | None = None, q: int = 1) -> tuple[str, in
         times = min(rows, key=distance)[2]
         ok = {c: t for c, t in times.items() if usable[_candidate(c)[0]]}
         if ok:
-            return _candidate(min(ok, key=ok.get))
+            best = min(ok, key=ok.get)
+            default = f"tiled:{DEFAULT_TILE}"
+            # Tiles within timing noise of each other: keep the default rather than flip-flop
+            # between calibrations of a shared machine.
+            if best.startswith("tiled:") and ok.get(default, math.inf) <= (1 + AUTO_TILE_TIE) * ok[best]:
+                best = default
+            return _candidate(best)
     if q == 2:
         return "gram", None
     if usable["triton"]:

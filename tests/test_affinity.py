@@ -413,6 +413,9 @@ def test_auto_picks_the_fastest_measured_path(monkeypatch):
     # Nearest measured shape (log N, log C): the large one; the reference is never chosen where
     # its N x N matrices would not fit the limit, even when the nearest row measured it fastest.
     assert affinity.auto_choice(torch.zeros(1, 20000, 128), torch.zeros(1, 20000, 128), q=1) == ("tiled", 256)
+    # ... unless the default tile is within the tie margin of the fastest.
+    table["cpu"][1][1] = (65536, 256, {"tiled:256": 3.0, f"tiled:{affinity.DEFAULT_TILE}": 3.1})
+    assert affinity.auto_choice(torch.zeros(1, 20000, 128), torch.zeros(1, 20000, 128), q=1) == ("tiled", affinity.DEFAULT_TILE)
     monkeypatch.setattr(affinity, "AUTO_REFERENCE_MAX_BYTES", 1000)
     assert affinity.auto_choice(small, small, q=1) == ("tiled", 64)
     # fa_loss follows the choice (and its result is the reference's either way).
