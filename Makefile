@@ -41,6 +41,11 @@ $(STAMPS)/venv: pyproject.toml
 
 venv: $(STAMPS)/venv
 
+# Triton for the FA kernel tests (run on CPU under its interpreter): a heavy extra, only for `make test`
+$(STAMPS)/triton: $(STAMPS)/venv
+	$(PY) -m pip install --quiet -e ".[triton]"
+	@touch $@
+
 # --- MathJax, require.js and the ipywidgets HTML manager from the npm registry --------------
 # Unpacked into book/_vendor (gitignored), NOT book/_static: Jupyter Book 1 injects every
 # .js/.css under _static into every page, which loaded the widget manager twice.
@@ -78,7 +83,7 @@ book: $(STAMPS)/venv $(STAMPS)/assets
 	  $(if $(ONLY),--only $(ONLY)) $(if $(FORCE),--force) $(if $(DRY),--dry-run)
 
 # --- Tests: FASTERKD_MAKE_TEST=1 tells the browser test that Chromium must be there ----------
-test: $(STAMPS)/venv $(STAMPS)/assets browser
+test: $(STAMPS)/venv $(STAMPS)/triton $(STAMPS)/assets browser
 	FASTERKD_MAKE_TEST=1 $(PY) -m pytest -q -rs --durations=15
 
 test-fast: $(STAMPS)/venv

@@ -6,30 +6,32 @@ Every kernel takes *pixel rows*: per image, ``A`` (N x C_t) holds the unit teach
 
     L = (1/N^2) * sum_ij |D_ij|^q          (q = 1: Eq. 5 with p = 2; q = 2: squared error)
 
-and the batch loss is the mean over images. Three implementations give the same function:
+and the batch loss is the mean over images. Four implementations give the same function:
 
 ``"reference"``
     Materialises the (B, N, N) affinity matrices and lets autograd differentiate them. Clear and
     obviously right, but it peaks at about five N x N matrices per image (13.4 GB at the 1/4 path
     of a 256x512 crop with batch 10, 215 GB at 512x1024); for tests and tiny maps.
 ``"tiled"``
-    Exact, in plain PyTorch: a custom ``torch.autograd.Function`` that streams T x T blocks of D,
-    visits only the upper block triangle (D is symmetric: off-diagonal blocks count twice) and
-    recomputes the blocks in the backward pass instead of storing them. With X = [A, B] and
-    Y = [A, -B] (concatenated channels) one block is a single matmul, D_IJ = X_I Y_J^T. Memory:
-    O(B*N*(C_t + C_s) + T^2). Gradient (phi = sign(D) for q = 1, 2D for q = 2; phi is symmetric):
+    Exact, in plain PyTorch: a custom ``torch.autograd.Function`` that streams T x T blocks of D
+    and visits only the upper block triangle (D is symmetric: off-diagonal blocks count twice).
+    With X = [A, B] and Y = [A, -B] (concatenated channels) one block is a single matmul,
+    D_IJ = X_I Y_J^T. Gradient (phi = sign(D) for q = 1, 2D for q = 2; phi is symmetric):
     dL/dB = -(2/N^2) phi B and, only when asked for (ConvNorm ablation), dL/dA = +(2/N^2) phi A.
-    ``torch.sign(0) = 0``, the convention of autograd's ``abs``, so tiled and reference agree
-    exactly even on ties (the diagonal with unit vectors).
+    For q = 1 the forward keeps sign(D) as bits (N^2/16 bytes per image) and the backward only
+    multiplies; q = 2 recomputes the blocks. The element-wise passes (abs, sum, sign bits) run
+    on each block right after its product, while it is still in cache; the default T = 512 (1 MiB
+    in fp32) beat T = 256 (256 KiB, fits the 512 KiB L2) on the development CPU, whose per-op
+    overhead then dominates. ``torch.sign(0) = 0``, the convention of autograd's ``abs``,
+    is kept by a second bit plane for blocks with exact zeros (zero pixels on both sides).
+``"gram"``
+    q = 2 only, exact and O(B N C^2): sum_ij D_ij^2 = |A^T A|^2 - 2 |A^T B|^2 + |B^T B|^2.
 ``"triton"``
-    The same algorithm fused in Triton kernels on CUDA (blocks of D never leave the SM): the
-    forward visits J >= I blocks and writes one partial sum per (image, row block); the backward
-    gives each row block its own program that sums phi_IJ V_J over all J, so no atomics and a
-    deterministic result. fp32 inputs use IEEE fp32 dot products (no TF32) to match the other
-    kernels; fp16/bf16 inputs accumulate in fp32. float64 is not supported by the Triton path.
+    The tiled algorithm fused in Triton kernels (:mod:`fasterkd.affinity_triton`): CUDA, or CPU
+    under Triton's interpreter (``TRITON_INTERPRET=1``) for tests.
 
-``"auto"`` picks triton on CUDA when Triton imports and the dtype is fp32/fp16/bf16, otherwise the
-reference for tiny maps (N <= :data:`AUTO_REFERENCE_MAX_PIXELS`) and tiled for everything else.
+``"auto"`` picks the fastest exact path for the device, q and shape from measured timings
+(:func:`auto_choice`, :mod:`fasterkd.affinity_calibration`).
 """
 
 from __future__ import annotations
@@ -40,22 +42,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # Triton is optional: only CUDA builds of torch ship it, and only a GPU can run it.
-    import triton
-    import triton.language as tl
+from fasterkd import affinity_calibration as calibration
+from fasterkd.affinity_triton import INTERPRETER, TRITON_AVAILABLE, triton_device_error, triton_fa  # noqa: F401 (re-exported)
 
-    TRITON_AVAILABLE = True
-except ImportError:  # pragma: no cover - depends on the installation
-    triton = None
-    tl = None
-    TRITON_AVAILABLE = False
-
-IMPLS = ("reference", "tiled", "triton", "auto")
+IMPLS = ("reference", "tiled", "gram", "triton", "auto")
 INTERPS = ("affinity", "features")
-# Below this many pixels the materialised matrices are tiny (4 MiB per image in fp32) and the
-# reference's few large matmuls beat the Python loop of the tiled kernel.
+# Without measurements for a device, the reference below this many pixels (4 MiB per image in
+# fp32: its few large matmuls beat the Python loop of the tiled kernel).
 AUTO_REFERENCE_MAX_PIXELS = 1024
-DEFAULT_TILE = 1024
+# ``auto`` never picks the reference when its planning estimate exceeds this.
+AUTO_REFERENCE_MAX_BYTES = 1 << 30
+DEFAULT_TILE = 512
+# ``auto`` keeps DEFAULT_TILE unless another tile was measured faster by more than this fraction.
+AUTO_TILE_TIE = 0.05
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +147,7 @@ def fa_reference(a: Tensor, b: Tensor, q: int = 1) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Tiled: exact, streaming, recompute in backward
+# Tiled: exact, streaming; q = 1 keeps the signs of D as bits for the backward
 # --------------------------------------------------------------------------------------------
 
 
@@ -156,50 +155,123 @@ def _blocks(n: int, tile: int) -> list[tuple[int, int]]:
     return [(s, min(s + tile, n)) for s in range(0, n, tile)]
 
 
+def _upper_blocks(n: int, tile: int) -> list[tuple[int, int, int, int]]:
+    """(i0, i1, j0, j1) of every block of the upper block triangle, row block by row block."""
+    blocks = _blocks(n, tile)
+    return [(i0, i1, j0, j1) for k, (i0, i1) in enumerate(blocks) for j0, j1 in blocks[k:]]
+
+
+# Bits <-> bytes, eight entries per int64 operation (PyTorch has no bit tensors). A bool tensor
+# viewed as int64 holds 8 entries as bytes 0/1 (entry k in byte k, little-endian); multiplying by
+# _PACK moves byte k to bit 56 + k without carries (every product bit lands at a distinct place).
+# Unpacking copies the byte to all 8 bytes (_SPREAD), keeps bit k in byte k (_PICK), turns a
+# non-zero byte into 0x80 and down to 0x01 (+0x7F, & 0x80.., >> 7), then maps 1 -> 0xFF (-1 as
+# int8) and 0 -> 0x01 (+1) with a per-byte multiply by 0xFE (no carries) and | 0x01.
+_PACK = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_PICK = 0x8040201008040201 - (1 << 64)  # as a signed int64
+_HIGH = 0x8080808080808080 - (1 << 64)
+
+
+def _pack_bits(mask: Tensor) -> Tensor:
+    """Flat bool tensor whose length is a multiple of 8 -> uint8, entry 8m + k in bit k of byte m."""
+    v = mask.view(torch.uint8).view(torch.int64)
+    return v.mul(_PACK).bitwise_right_shift_(56).bitwise_and_(255).to(torch.uint8)
+
+
+def _unpack_bits(packed: Tensor, signed: bool) -> Tensor:
+    """uint8 bits -> int8 entries (8 per byte): a set bit gives -1 (``signed``) or 1, else 1 or 0."""
+    v = packed.to(torch.int64).mul_(_SPREAD).bitwise_and_(_PICK)
+    v = v.add_(0x7F7F7F7F7F7F7F7F).bitwise_and_(_HIGH).bitwise_right_shift_(7).bitwise_and_(_SPREAD)
+    if signed:
+        v = v.mul_(0xFE).bitwise_or_(_SPREAD)
+    return v.view(torch.int8)
+
+
+def _padded(count: int) -> int:
+    return (count + 7) // 8 * 8
+
+
+def _xy(a: Tensor, b: Tensor, need_y: bool = True) -> tuple[Tensor, Tensor | None]:
+    """X = [A, B] and Y = [A, -B] of one image, (N, C_t + C_s), as transposed views.
+
+    The rows are usually transposed views of (C, N) maps (:func:`pixel_rows`): concatenating the
+    (C, N) transposes is a plain copy, where concatenating the (N, C) views gathers strided rows.
+    """
+    xt = torch.cat([a.t(), b.t()], dim=0)
+    yt = torch.cat([a.t(), b.t().neg()], dim=0) if need_y else None
+    return xt.t(), (yt.t() if yt is not None else None)
+
+
 class _TiledFA(torch.autograd.Function):
-    """Exact Eq. 5 over T x T blocks of D (upper block triangle); blocks recomputed in backward."""
+    """Exact Eq. 5 over T x T blocks of D (upper block triangle).
+
+    q = 1: the forward stores sign(D) of every visited block as bits (bit = D <= 0, plus a bit
+    plane of exact zeros for the rare blocks that have any), so the backward only multiplies.
+    q = 2 (or ``keep_signs=False``): the backward recomputes each block.
+    """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, q: int, tile: int) -> Tensor:  # type: ignore[override]
+    def forward(ctx, a: Tensor, b: Tensor, q: int, tile: int, keep_signs: bool) -> Tensor:  # type: ignore[override]
         nb, n, _ = a.shape
         acc = _acc_dtype(a.dtype)
-        blocks = _blocks(n, tile)
-        # One flat buffer for every block product: no allocation (and no page faults) per block.
+        blocks = _upper_blocks(n, tile)
+        keep = keep_signs and q == 1
         t = min(tile, n)
-        buf = torch.empty(t * t, dtype=a.dtype, device=a.device)
-        total = torch.zeros((), dtype=torch.float64, device=a.device)
+        # One flat buffer for every block product: no allocation (and no page faults) per block.
+        buf = torch.empty(_padded(t * t), dtype=a.dtype, device=a.device)
+        mask = torch.zeros(_padded(t * t), dtype=torch.bool, device=a.device)
+        ebuf = torch.empty_like(buf) if q == 1 else None
+        offsets = [0]
+        for i0, i1, j0, j1 in blocks:
+            offsets.append(offsets[-1] + _padded((i1 - i0) * (j1 - j0)) // 8)
+        signs = torch.empty(nb, offsets[-1], dtype=torch.uint8, device=a.device) if keep else None
+        zeros: dict[tuple[int, int], Tensor] = {}
+        sums = torch.empty(nb, len(blocks), dtype=acc, device=a.device)
         for img in range(nb):
-            x = torch.cat([a[img], b[img]], dim=1)  # (N, C_t + C_s)
-            y = torch.cat([a[img], -b[img]], dim=1)  # X_I Y_J^T = A_I A_J^T - B_I B_J^T
-            img_total = torch.zeros((), dtype=torch.float64, device=a.device)
-            for bi, (i0, i1) in enumerate(blocks):
-                for j0, j1 in blocks[bi:]:
-                    d = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
-                    torch.mm(x[i0:i1], y[j0:j1].t(), out=d)
-                    if q == 1:
-                        d.abs_()
-                    else:
-                        d.square_()
-                    s = d.sum(dtype=acc).double()
-                    img_total += s if j0 == i0 else 2.0 * s
-            total += img_total / (n * n)
-        ctx.save_for_backward(a, b)
-        ctx.q, ctx.tile = q, tile
-        return (total / nb).to(a.dtype)
+            x, y = _xy(a[img], b[img])  # X_I Y_J^T = A_I A_J^T - B_I B_J^T
+            for k, (i0, i1, j0, j1) in enumerate(blocks):
+                size = (i1 - i0) * (j1 - j0)
+                d = buf[:size].view(i1 - i0, j1 - j0)
+                torch.mm(x[i0:i1], y[j0:j1].t(), out=d)
+                # Every pass below reads the block right after its product, while it is in cache.
+                if q == 2:
+                    sums[img, k] = torch.linalg.vector_norm(d, ord=2, dtype=acc)
+                    continue
+                e = torch.abs(d, out=ebuf[:size].view(i1 - i0, j1 - j0))
+                sums[img, k] = e.sum(dtype=acc)
+                if keep:
+                    m = mask[:size].view(i1 - i0, j1 - j0)
+                    torch.le(d, 0, out=m)  # bit set: sign -1 (or 0, see below)
+                    signs[img, offsets[k]:offsets[k + 1]] = _pack_bits(mask[: _padded(size)])
+                    if float(e.min()) == 0.0:  # exact zeros (zero pixels on both sides): sign 0
+                        torch.eq(d, 0, out=m)
+                        zeros[(img, k)] = _pack_bits(mask[: _padded(size)])
+        if q == 2:
+            sums.square_()
+        weights = torch.tensor([1.0 if i0 == j0 else 2.0 for i0, _, j0, _ in blocks], dtype=torch.float64, device=a.device)
+        per_image = (sums.double() * weights).sum(dim=1) / (n * n)
+        saved = (a, b, signs) if keep else (a, b)
+        ctx.save_for_backward(*saved)
+        ctx.q, ctx.tile, ctx.keep, ctx.zeros, ctx.offsets = q, tile, keep, zeros, offsets
+        return per_image.mean().to(a.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        a, b = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        a, b = saved[0], saved[1]
+        signs = saved[2] if ctx.keep else None
         q, tile = ctx.q, ctx.tile
-        need_a = ctx.needs_input_grad[0]
-        need_b = ctx.needs_input_grad[1]
+        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_a or need_b):
-            return None, None, None, None
+            return None, None, None, None, None
         nb, n, ct = a.shape
         acc = _acc_dtype(a.dtype)
-        blocks = _blocks(n, tile)
+        blocks = _upper_blocks(n, tile)
         t = min(tile, n)
-        buf = torch.empty(t * t, dtype=a.dtype, device=a.device)
+        buf = torch.empty(_padded(t * t), dtype=a.dtype, device=a.device)
+        if signs is not None:
+            fix = torch.empty_like(buf)
         # phi = sign(D) (q=1) or 2D (q=2); dL/dA = +(2/N^2) phi A, dL/dB = -(2/N^2) phi B, each
         # divided by the batch size (batch mean). phi V is accumulated for V = [A, B] or B only.
         scale = grad_out.to(torch.float64) * (2.0 * (2.0 if q == 2 else 1.0) / (n * n * nb))
@@ -208,24 +280,32 @@ class _TiledFA(torch.autograd.Function):
         grad_a = a.new_empty(nb, ct, n, dtype=acc).transpose(1, 2) if need_a else None
         grad_b = b.new_empty(nb, b.shape[2], n, dtype=acc).transpose(1, 2) if need_b else None
         for img in range(nb):
-            x = torch.cat([a[img], b[img]], dim=1)
-            y = torch.cat([a[img], -b[img]], dim=1)
-            v = x if need_a else b[img]  # rows multiplied by phi
+            if signs is None:
+                x, y = _xy(a[img], b[img])
+                v = x if need_a else b[img]  # rows multiplied by phi
+            else:  # no products to recompute: only the rows phi multiplies
+                v = _xy(a[img], b[img], need_y=False)[0] if need_a else b[img]
             g = torch.zeros(n, v.shape[1], dtype=acc, device=a.device)
-            for bi, (i0, i1) in enumerate(blocks):
-                for j0, j1 in blocks[bi:]:
-                    d = buf[: (i1 - i0) * (j1 - j0)].view(i1 - i0, j1 - j0)
+            for k, (i0, i1, j0, j1) in enumerate(blocks):
+                size = (i1 - i0) * (j1 - j0)
+                d = buf[:size].view(i1 - i0, j1 - j0)
+                if signs is None:
                     torch.mm(x[i0:i1], y[j0:j1].t(), out=d)
                     if q == 1:
                         d.sign_()
-                    if acc == d.dtype:
-                        g[i0:i1].addmm_(d, v[j0:j1])
-                        if j0 != i0:  # the mirrored block D_JI = D_IJ^T
-                            g[j0:j1].addmm_(d.t(), v[i0:i1])
-                    else:
-                        g[i0:i1] += (d @ v[j0:j1]).to(acc)
-                        if j0 != i0:
-                            g[j0:j1] += (d.t() @ v[i0:i1]).to(acc)
+                else:
+                    buf[: _padded(size)].copy_(_unpack_bits(signs[img, ctx.offsets[k]:ctx.offsets[k + 1]], signed=True))
+                    if (img, k) in ctx.zeros:  # -1 there so far: add 1 back where D == 0
+                        fix[: _padded(size)].copy_(_unpack_bits(ctx.zeros[(img, k)], signed=False))
+                        buf[:size] += fix[:size]
+                if acc == d.dtype:
+                    g[i0:i1].addmm_(d, v[j0:j1])
+                    if j0 != i0:  # the mirrored block D_JI = D_IJ^T
+                        g[j0:j1].addmm_(d.t(), v[i0:i1])
+                else:
+                    g[i0:i1] += (d @ v[j0:j1]).to(acc)
+                    if j0 != i0:
+                        g[j0:j1] += (d.t() @ v[i0:i1]).to(acc)
             if need_a:
                 grad_a[img] = g[:, :ct]
                 if need_b:
@@ -236,202 +316,45 @@ class _TiledFA(torch.autograd.Function):
         # in place: a scaled copy of the gradients would be one more batch of maps at the peak
         ga = grad_a.mul_(s).to(a.dtype) if need_a else None
         gb = grad_b.mul_(s).to(b.dtype) if need_b else None
-        return ga, gb, None, None
+        return ga, gb, None, None, None
 
 
-def fa_tiled(a: Tensor, b: Tensor, q: int = 1, tile: int = DEFAULT_TILE) -> Tensor:
-    """Eq. 5 on pixel rows, exact, never holding more than one tile x tile block of D."""
+def fa_tiled(a: Tensor, b: Tensor, q: int = 1, tile: int = DEFAULT_TILE, keep_signs: bool = True) -> Tensor:
+    """Eq. 5 on pixel rows, exact, never holding more than one tile x tile block of D.
+
+    ``keep_signs`` (q = 1 only): store sign(D) as bits in the forward, N^2/16 bytes per image
+    (upper triangle, one bit per entry; a second bit plane only for blocks with exact zeros),
+    instead of recomputing every block in the backward. ``False`` is the recomputing variant.
+    """
     _check_rows(a, b, q)
     if int(tile) != tile or tile < 1:
         raise ValueError(f"tile must be a positive integer, got {tile!r}")
-    return _TiledFA.apply(a, b, q, int(tile))
+    return _TiledFA.apply(a, b, q, int(tile), bool(keep_signs))
 
 
 # --------------------------------------------------------------------------------------------
-# Triton: the tiled algorithm fused on the GPU
+# Gram: q = 2 in O(N C^2), no N x N matrix at all
 # --------------------------------------------------------------------------------------------
 
-if TRITON_AVAILABLE:
 
-    @triton.jit
-    def _fa_fwd_kernel(
-        X, Y, OUT,
-        N, K,
-        sxb, sxn, sxk,
-        syb, syn, syk,
-        NUM_I,
-        Q: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):
-        # One program per (row block I, image): sum over J >= I of |D_IJ|^q, off-diagonal x2.
-        pid_i = tl.program_id(0)
-        img = tl.program_id(1)
-        i0 = pid_i * BLOCK
-        rows = i0 + tl.arange(0, BLOCK)
-        offs_k = tl.arange(0, BLOCK_K)
-        x_base = X + img * sxb
-        y_base = Y + img * syb
-        row_sum = tl.zeros([BLOCK], dtype=tl.float32)
-        for j0 in range(i0, N, BLOCK):
-            cols = j0 + tl.arange(0, BLOCK)
-            d = tl.zeros([BLOCK, BLOCK], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + offs_k
-                xt = tl.load(
-                    x_base + rows[:, None] * sxn + ks[None, :] * sxk,
-                    mask=(rows[:, None] < N) & (ks[None, :] < K), other=0.0,
-                )
-                yt = tl.load(  # loaded transposed: (BLOCK_K, BLOCK)
-                    y_base + cols[None, :] * syn + ks[:, None] * syk,
-                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0,
-                )
-                if IEEE:
-                    d += tl.dot(xt, yt, input_precision="ieee")
-                else:
-                    d += tl.dot(xt, yt)
-            if Q == 1:
-                e = tl.abs(d)
-            else:
-                e = d * d
-            # Off-diagonal blocks stand for D_IJ and D_JI. Padded rows/cols are 0 -> contribute 0.
-            w = 2.0 - (j0 == i0).to(tl.float32)
-            row_sum += tl.sum(e, axis=1) * w
-        tl.store(OUT + img * NUM_I + pid_i, tl.sum(row_sum, axis=0))
+def fa_gram(a: Tensor, b: Tensor, q: int = 2) -> Tensor:
+    """Eq. 5 with q = 2 exactly: sum_ij D_ij^2 = |A^T A|_F^2 - 2 |A^T B|_F^2 + |B^T B|_F^2.
 
-    @triton.jit
-    def _fa_bwd_kernel(
-        X, Y, V, G,
-        N, K, CV,
-        sxb, sxn, sxk,
-        syb, syn, syk,
-        svb, svn, svk,
-        sgb, sgn, sgk,
-        Q: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CV: tl.constexpr,
-    ):
-        # One program per (row block I, image): G_I = sum over all J of phi(D_IJ) V_J, in fp32.
-        pid_i = tl.program_id(0)
-        img = tl.program_id(1)
-        rows = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_k = tl.arange(0, BLOCK_K)
-        offs_c = tl.arange(0, BLOCK_CV)
-        x_base = X + img * sxb
-        y_base = Y + img * syb
-        v_base = V + img * svb
-        acc = tl.zeros([BLOCK_M, BLOCK_CV], dtype=tl.float32)
-        for j0 in range(0, N, BLOCK_N):
-            cols = j0 + tl.arange(0, BLOCK_N)
-            d = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                ks = k0 + offs_k
-                xt = tl.load(
-                    x_base + rows[:, None] * sxn + ks[None, :] * sxk,
-                    mask=(rows[:, None] < N) & (ks[None, :] < K), other=0.0,
-                )
-                yt = tl.load(
-                    y_base + cols[None, :] * syn + ks[:, None] * syk,
-                    mask=(cols[None, :] < N) & (ks[:, None] < K), other=0.0,
-                )
-                if IEEE:
-                    d += tl.dot(xt, yt, input_precision="ieee")
-                else:
-                    d += tl.dot(xt, yt)
-            if Q == 1:  # sign with sign(0) = 0, as autograd's abs
-                phi = tl.where(d > 0, 1.0, tl.where(d < 0, -1.0, 0.0))
-            else:
-                phi = d
-            vt = tl.load(
-                v_base + cols[:, None] * svn + offs_c[None, :] * svk,
-                mask=(cols[:, None] < N) & (offs_c[None, :] < CV), other=0.0,
-            )
-            if IEEE:
-                acc += tl.dot(phi, vt, input_precision="ieee")
-            else:
-                acc += tl.dot(phi.to(vt.dtype), vt)
-        tl.store(
-            G + img * sgb + rows[:, None] * sgn + offs_c[None, :] * sgk,
-            acc,
-            mask=(rows[:, None] < N) & (offs_c[None, :] < CV),
-        )
-
-
-_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def _triton_block_k(k: int) -> int:
-    return 32 if k <= 32 else 64
-
-
-class _TritonFA(torch.autograd.Function):
-    """The tiled algorithm as fused Triton kernels (CUDA only); same function, same gradients."""
-
-    @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, q: int) -> Tensor:  # type: ignore[override]
-        nb, n, _ = a.shape
-        x = torch.cat([a, b], dim=2).contiguous()
-        y = torch.cat([a, -b], dim=2).contiguous()
-        k = x.shape[2]
-        block = 64
-        num_i = triton.cdiv(n, block)
-        out = torch.empty(nb, num_i, dtype=torch.float32, device=a.device)
-        ieee = a.dtype == torch.float32
-        _fa_fwd_kernel[(num_i, nb)](
-            x, y, out, n, k,
-            x.stride(0), x.stride(1), x.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            num_i,
-            Q=q, IEEE=ieee, BLOCK=block, BLOCK_K=_triton_block_k(k), num_warps=4,
-        )
-        ctx.save_for_backward(a, b)
-        ctx.q = q
-        loss = out.double().sum(dim=1) / (n * n)
-        return loss.mean().to(a.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        a, b = ctx.saved_tensors
-        q = ctx.q
-        need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_a or need_b):
-            return None, None, None
-        nb, n, ct = a.shape
-        x = torch.cat([a, b], dim=2).contiguous()
-        y = torch.cat([a, -b], dim=2).contiguous()
-        v = x if need_a else b.contiguous()
-        k, cv = x.shape[2], v.shape[2]
-        g = torch.empty(nb, n, cv, dtype=torch.float32, device=a.device)
-        block_cv = max(16, triton.next_power_of_2(cv))
-        block_m = 64 if block_cv <= 128 else 32  # keep the (BLOCK_M, BLOCK_CV) accumulator in registers
-        ieee = a.dtype == torch.float32
-        grid = (triton.cdiv(n, block_m), nb)
-        _fa_bwd_kernel[grid](
-            x, y, v, g, n, k, cv,
-            x.stride(0), x.stride(1), x.stride(2),
-            y.stride(0), y.stride(1), y.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            g.stride(0), g.stride(1), g.stride(2),
-            Q=q, IEEE=ieee, BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=_triton_block_k(k), BLOCK_CV=block_cv,
-            num_warps=4 if block_cv <= 64 else 8,
-        )
-        scale = grad_out.float() * (2.0 * (2.0 if q == 2 else 1.0) / (n * n * nb))
-        if need_a:
-            ga = (g[:, :, :ct] * scale).to(a.dtype)
-            gb = (-g[:, :, ct:] * scale).to(b.dtype) if need_b else None
-        else:
-            ga, gb = None, (-g * scale).to(b.dtype)
-        return ga, gb, None
-
-
-def fa_triton(a: Tensor, b: Tensor, q: int = 1) -> Tensor:
-    """Eq. 5 on pixel rows with fused Triton kernels (CUDA, fp32/fp16/bf16)."""
+    The identity holds for any rows (the student's may be shorter than 1 after interpolation);
+    the diagonal counts, as in the reference. Autograd differentiates the three C x C Gram
+    matrices. fp16/bf16 rows are multiplied in fp32. The three terms are of the order of
+    N^2/C and cancel to the loss: in fp32 the absolute error is about 1e-7 of them.
+    """
     _check_rows(a, b, q)
-    if not TRITON_AVAILABLE:
-        raise ValueError("impl='triton' needs the triton package (shipped with CUDA builds of torch); use 'tiled'")
-    if a.device.type != "cuda":
-        raise ValueError(f"impl='triton' needs CUDA tensors, got device {a.device}; use 'tiled' on CPU")
-    if a.dtype not in _TRITON_DTYPES:
-        raise ValueError(f"impl='triton' supports {_TRITON_DTYPES}, got {a.dtype}; use 'tiled' for float64")
-    return _TritonFA.apply(a, b, q)
+    if q != 2:
+        raise ValueError(f"impl='gram' computes the squared loss only (q=2), got q={q!r}")
+    n, dtype = a.shape[1], a.dtype
+    acc = _acc_dtype(dtype)
+    a, b = a.to(acc), b.to(acc)
+    at = a.transpose(1, 2)
+    total = (at @ a).square().sum(dim=(1, 2)) - 2.0 * (at @ b).square().sum(dim=(1, 2))
+    total = total + (b.transpose(1, 2) @ b).square().sum(dim=(1, 2))
+    return (total / (n * n)).mean().to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -439,25 +362,104 @@ def fa_triton(a: Tensor, b: Tensor, q: int = 1) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_impl(impl: str, rows: Tensor) -> str:
-    """The implementation ``impl="auto"`` uses for pixel rows of this device, dtype and size."""
+def _candidate(name: str) -> tuple[str, int | None]:
+    impl, _, tile = name.partition(":")
+    return impl, (int(tile) if tile else None)
+
+
+def auto_choice(a: Tensor, b: Tensor | None = None, q: int = 1) -> tuple[str, int | None]:
+    """What ``impl="auto"`` runs for these rows: (implementation, tile or None).
+
+    From measurements where the device has them (:mod:`fasterkd.affinity_calibration`, written by
+    ``benchmarks/fa_loss.py --calibrate``): the fastest exact path at the measured shape nearest
+    in (log N, log(C_t + C_s)), among the paths that can run here (the reference only while its
+    N x N matrices stay under :data:`AUTO_REFERENCE_MAX_BYTES`, Triton only where it runs).
+    Devices without measurements (CUDA so far): Triton for q = 1 where it runs, else the tiled
+    kernel; the Gram path for q = 2, whose O(N C^2) beats every O(N^2 C) path once N > C.
+    """
+    nb, n, ct = a.shape
+    k = ct + (b.shape[2] if b is not None else ct)
+    usable = {"reference": naive_fa_memory_bytes(nb, n, a.element_size()) <= AUTO_REFERENCE_MAX_BYTES,
+              "triton": a.device.type != "cpu" and triton_device_error(a) is None,
+              "gram": q == 2, "tiled": True}
+    rows = calibration.TIMINGS.get(a.device.type, {}).get(q, [])
+    if rows:
+        def distance(row: tuple) -> float:
+            return abs(math.log(row[0] / n)) + abs(math.log(row[1] / k))
+
+        times = min(rows, key=distance)[2]
+        ok = {c: t for c, t in times.items() if usable[_candidate(c)[0]]}
+        if ok:
+            best = min(ok, key=ok.get)
+            default = f"tiled:{DEFAULT_TILE}"
+            # Tiles within timing noise of each other: keep the default rather than flip-flop
+            # between calibrations of a shared machine.
+            if best.startswith("tiled:") and ok.get(default, math.inf) <= (1 + AUTO_TILE_TIE) * ok[best]:
+                best = default
+            return _candidate(best)
+    if q == 2:
+        return "gram", None
+    if usable["triton"]:
+        return "triton", None
+    return ("reference", None) if n <= AUTO_REFERENCE_MAX_PIXELS else ("tiled", DEFAULT_TILE)
+
+
+def resolve_impl(impl: str, a: Tensor, b: Tensor | None = None, q: int = 1) -> str:
+    """The implementation ``impl`` names for these rows (``"auto"``: see :func:`auto_choice`)."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    if TRITON_AVAILABLE and rows.device.type == "cuda" and rows.dtype in _TRITON_DTYPES:
-        return "triton"
-    return "reference" if rows.shape[1] <= AUTO_REFERENCE_MAX_PIXELS else "tiled"
+    return auto_choice(a, b, q)[0] if impl == "auto" else impl
 
 
-def fa_rows(a: Tensor, b: Tensor, q: int = 1, impl: str = "auto", tile: int = DEFAULT_TILE) -> Tensor:
-    """Eq. 5 on prepared pixel rows with the chosen implementation."""
-    name = resolve_impl(impl, a)
+def fa_triton(a: Tensor, b: Tensor, q: int = 1) -> Tensor:
+    """Eq. 5 on pixel rows with fused Triton kernels (CUDA; CPU under TRITON_INTERPRET=1)."""
+    _check_rows(a, b, q)
+    return triton_fa(a, b, q)
+
+
+def fa_rows(a: Tensor, b: Tensor, q: int = 1, impl: str = "auto", tile: int | None = None) -> Tensor:
+    """Eq. 5 on prepared pixel rows with the chosen implementation.
+
+    ``tile`` (tiled kernel only): None is the measured choice under ``auto``, else DEFAULT_TILE.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    name, auto_tile = auto_choice(a, b, q) if impl == "auto" else (impl, None)
     if name == "reference":
         return fa_reference(a, b, q)
     if name == "tiled":
-        return fa_tiled(a, b, q, tile)
+        return fa_tiled(a, b, q, tile if tile is not None else (auto_tile or DEFAULT_TILE))
+    if name == "gram":
+        return fa_gram(a, b, q)
     return fa_triton(a, b, q)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOPs per image of each path (2 per multiply-add; the benchmark's rates are these / time)
+# --------------------------------------------------------------------------------------------
+
+
+def fa_flops(impl: str, n: int, ct: int, cs: int, q: int = 1, tile: int = DEFAULT_TILE,
+             keep_signs: bool = True, teacher_grad: bool = False) -> int:
+    """Matrix-product FLOPs of one image's forward + backward (element-wise passes not counted)."""
+    k = ct + cs
+    cv = k if teacher_grad else cs  # columns multiplied by phi in the backward
+    if impl == "reference":  # two Gram matrices; backward: dL/dB = (G + G^T) B, and A's if asked
+        return 2 * n * n * k + 2 * 2 * n * n * cv
+    if impl == "gram":  # A^T A, A^T B, B^T B; backward: one product per factor that needs a gradient
+        fwd = 2 * n * (ct * ct + ct * cs + cs * cs)
+        bwd = 2 * n * ct * cs + 4 * n * cs * cs + (4 * n * ct * ct + 2 * n * ct * cs if teacher_grad else 0)
+        return fwd + bwd
+    if impl in ("tiled", "triton"):
+        blocks = _upper_blocks(n, tile if impl == "tiled" else 64)
+        entries = sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in blocks)
+        mirrored = sum((i1 - i0) * (j1 - j0) for i0, i1, j0, j1 in blocks if i0 != j0)
+        fwd = 2 * entries * k
+        recompute = impl == "triton" or q == 2 or not keep_signs
+        if impl == "triton":  # its backward visits every block, not only the upper triangle
+            return fwd + 2 * n * n * k + 2 * n * n * cv
+        return fwd + (fwd if recompute else 0) + 2 * (entries + mirrored) * cv
+    raise ValueError(f"fa_flops: impl must be reference, gram, tiled or triton, got {impl!r}")
 
 
 # --------------------------------------------------------------------------------------------

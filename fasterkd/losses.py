@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from fasterkd.affinity import DEFAULT_TILE, fa_rows, prepare_rows
+from fasterkd.affinity import fa_rows, prepare_rows
 
 IGNORE_INDEX = 255
 KL_REDUCTIONS = ("elementwise_mean", "pixel")
@@ -209,7 +209,7 @@ def fa_loss(
     q: int = 1,
     interp: str = "affinity",
     impl: str = "auto",
-    tile: int = DEFAULT_TILE,
+    tile: int | None = None,
     teacher_grad: bool = False,
 ) -> Tensor:
     """Eq. 4-5: mean over all N^2 pixel pairs of |S^t_ij - S^s_ij|^q, per image, then batch mean.
@@ -224,8 +224,9 @@ def fa_loss(
 
     The teacher (frozen tutor) is detached: gradients reach only the student, unless
     ``teacher_grad=True`` (ConvNorm ablation, where layers on the tutor side are trained).
-    ``impl``: ``"reference"`` | ``"tiled"`` | ``"triton"`` | ``"auto"`` (see
-    :mod:`fasterkd.affinity`); ``tile`` is the block size of the tiled kernel.
+    ``impl``: ``"reference"`` | ``"tiled"`` | ``"gram"`` (q = 2 only) | ``"triton"`` | ``"auto"``
+    (the fastest exact path measured for the device and shape; see :mod:`fasterkd.affinity`);
+    ``tile`` is the block size of the tiled kernel (None: the measured or default choice).
     """
     if student.dim() != 4 or teacher.dim() != 4:
         raise ValueError(

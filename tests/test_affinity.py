@@ -229,12 +229,13 @@ def test_affinity_values_exact_and_sampled():
     assert (sampled[:, None] - expected[None, :]).abs().min(dim=1).values.max() < 1e-6
 
 
-def test_auto_dispatch_and_errors():
+def test_auto_dispatch_and_errors(monkeypatch):
+    # Without measurements for the device: the reference for small maps, the tiled kernel above.
+    monkeypatch.setattr(affinity.calibration, "TIMINGS", {})
     small = torch.zeros(1, affinity.AUTO_REFERENCE_MAX_PIXELS, 4)
     large = torch.zeros(1, affinity.AUTO_REFERENCE_MAX_PIXELS + 1, 4)
-    if not (affinity.TRITON_AVAILABLE and torch.cuda.is_available()):
-        assert resolve_impl("auto", small) == "reference"
-        assert resolve_impl("auto", large) == "tiled"
+    assert resolve_impl("auto", small) == "reference"
+    assert resolve_impl("auto", large) == "tiled"
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(ValueError, match="impl"):
         fa_loss(x, x, impl="fast")
@@ -248,7 +249,7 @@ def test_auto_dispatch_and_errors():
         fa_loss(x[0], x)
     with pytest.raises(ValueError, match="tile"):
         fa_loss(x, x, impl="tiled", tile=0)
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not affinity.INTERPRETER:
         with pytest.raises(ValueError, match="triton"):
             fa_loss(x, x, impl="triton")
     with pytest.raises(ValueError, match="max_pixels"):
@@ -287,3 +288,165 @@ def test_triton_equals_tiled_on_cuda(q, teacher_grad):
     for x, y in zip(g_tri, g_ref):
         assert rel_err(x.double(), y) < 1e-4
     assert resolve_impl("auto", torch.zeros(1, 4, 4, device="cuda")) == "triton"
+
+
+# --------------------------------------------------------------------------------------------
+# Signs kept as bits (q = 1), the Gram path (q = 2), auto's measured choice, FLOP counts
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 7, 8, 9, 63, 257])
+def test_sign_bits_round_trip(size):
+    g = torch.Generator().manual_seed(size)
+    d = torch.randn(affinity._padded(size), generator=g)
+    d[::5] = 0.0
+    mask = torch.zeros(affinity._padded(size), dtype=torch.bool)
+    torch.gt(d[:size], 0, out=mask[:size])
+    packed = affinity._pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == affinity._padded(size) // 8
+    phi = affinity._unpack_bits(packed, signed=True).float()[:size]
+    assert torch.equal(phi, torch.where(d[:size] > 0, -1.0, 1.0))
+    ones = affinity._unpack_bits(packed, signed=False)[:size]
+    assert ones.dtype == torch.int8 and torch.equal(ones.bool(), mask[:size])
+    # Every byte value, so each bit position is checked set and unset next to every neighbour.
+    every = torch.arange(256, dtype=torch.uint8)
+    expected = (every[:, None].long() >> torch.arange(8)) & 1
+    assert torch.equal(affinity._unpack_bits(every, signed=False).view(256, 8).long(), expected)
+    assert torch.equal(affinity._pack_bits(expected.bool().flatten()), every)
+
+
+@pytest.mark.parametrize("n,tile", [(30, 7), (64, 8), (65, 16), (100, 33), (40, 1000)])
+@pytest.mark.parametrize("teacher_grad", [False, True])
+def test_kept_signs_equal_recomputation_and_reference(n, tile, teacher_grad):
+    # Rows straight into the kernel, B > 1, tiles that do not divide N (or exceed it). Student
+    # rows of length 0.5..1.5 (as after interpolation) keep the diagonal 1 - |b_i|^2 away from a
+    # round-off tie, where the fused product and the reference could disagree on the sign.
+    g = torch.Generator().manual_seed(n * 1000 + tile)
+    a = F.normalize(torch.randn(3, n, 5, dtype=F64, generator=g), dim=2).requires_grad_(teacher_grad)
+    lengths = 0.5 + torch.rand(3, n, 1, dtype=F64, generator=g)
+    b = (F.normalize(torch.randn(3, n, 4, dtype=F64, generator=g), dim=2) * lengths).requires_grad_()
+    inputs = (a, b) if teacher_grad else (b,)
+    ref = fa_reference(a, b, q=1)
+    g_ref = torch.autograd.grad(ref, inputs)
+    kept = fa_tiled(a, b, q=1, tile=tile, keep_signs=True)
+    g_kept = torch.autograd.grad(kept, inputs)
+    again = fa_tiled(a, b, q=1, tile=tile, keep_signs=False)
+    g_again = torch.autograd.grad(again, inputs)
+    assert abs(kept.item() - ref.item()) < 1e-14 and kept.item() == again.item()
+    for x, y, z in zip(g_kept, g_ref, g_again):
+        assert rel_err(x, y) < 1e-12
+        assert torch.equal(x, z)  # the same products, so the same signs
+
+
+def test_kept_signs_gradcheck():
+    g = torch.Generator().manual_seed(21)
+    a = F.normalize(torch.randn(2, 11, 3, dtype=F64, generator=g), dim=2).requires_grad_()
+    b = (F.normalize(torch.randn(2, 11, 4, dtype=F64, generator=g), dim=2) * 0.9).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: fa_tiled(x, y, q=1, tile=4), (a, b))
+
+
+def test_kept_signs_exact_zeros_have_sign_zero():
+    # A pixel that is zero in both maps has D_ij = 0 exactly in its row and column; sign(0) = 0
+    # there (not -1) keeps its gradient 0, as the reference's, instead of -(2/N^2) sum_j b_j,
+    # which the normalisation of a zero vector would then blow up by 1/eps.
+    g = torch.Generator().manual_seed(22)
+    student = torch.randn(2, 5, 6, 7, dtype=F64, generator=g)
+    teacher = torch.randn(2, 4, 6, 7, dtype=F64, generator=g)
+    student[:, :, 2, 3] = 0.0
+    teacher[:, :, 2, 3] = 0.0
+    grads = {}
+    for impl in ("reference", "tiled"):
+        s = student.clone().requires_grad_()
+        fa_loss(s, teacher, impl=impl, tile=16).backward()
+        grads[impl] = s.grad
+    assert torch.equal(grads["tiled"][:, :, 2, 3], torch.zeros(2, 5, dtype=F64))
+    assert rel_err(grads["tiled"], grads["reference"]) < 1e-12
+
+
+@pytest.mark.parametrize("shapes", SHAPES, ids=lambda s: f"{s[0][1:]}->{s[1][1:]}")
+@pytest.mark.parametrize("interp", ["affinity", "features"])
+def test_gram_equals_reference_value_and_gradients(shapes, interp):
+    s_shape, t_shape, _ = shapes
+    g = torch.Generator().manual_seed(zlib.crc32(repr((shapes, interp, "gram")).encode()))
+    student = torch.randn(s_shape, dtype=F64, generator=g, requires_grad=True)
+    teacher = torch.randn(t_shape, dtype=F64, generator=g, requires_grad=True)
+    ref = fa_loss(student, teacher, q=2, interp=interp, impl="reference", teacher_grad=True)
+    g_ref = torch.autograd.grad(ref, (student, teacher))
+    gram = fa_loss(student, teacher, q=2, interp=interp, impl="gram", teacher_grad=True)
+    g_gram = torch.autograd.grad(gram, (student, teacher))
+    assert abs(gram.item() - ref.item()) / ref.item() < 1e-12
+    for x, y in zip(g_gram, g_ref):
+        assert rel_err(x, y) < 1e-10
+
+
+def test_gram_gradcheck_and_errors():
+    g = torch.Generator().manual_seed(23)
+    a = F.normalize(torch.randn(2, 13, 3, dtype=F64, generator=g), dim=2).requires_grad_()
+    b = (F.normalize(torch.randn(2, 13, 5, dtype=F64, generator=g), dim=2) * 0.8).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, y: affinity.fa_gram(x, y, q=2), (a, b))
+    with pytest.raises(ValueError, match="q=2"):
+        affinity.fa_gram(a, b, q=1)
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(ValueError, match="q=2"):
+        fa_loss(x, x, q=1, impl="gram")
+
+
+def test_gram_fp32_matches_fp64_reference():
+    g = torch.Generator().manual_seed(24)
+    student = torch.randn(2, 16, 12, 20, generator=g)
+    teacher = torch.randn(2, 24, 24, 40, generator=g)
+    ref = fa_loss(student.double(), teacher.double(), q=2, impl="reference")
+    gram = fa_loss(student, teacher, q=2, impl="gram")
+    assert gram.dtype == torch.float32
+    assert abs(gram.item() - ref.item()) / ref.item() < 1e-5
+
+
+def test_auto_picks_the_fastest_measured_path(monkeypatch):
+    table = {"cpu": {
+        1: [(256, 8, {"reference": 1.0, "tiled:64": 2.0}), (65536, 256, {"tiled:256": 3.0, "tiled:512": 4.0})],
+        2: [(256, 8, {"reference": 2.0, "gram": 1.0, "tiled:64": 3.0})],
+    }}
+    monkeypatch.setattr(affinity.calibration, "TIMINGS", table)
+    small = torch.zeros(1, 300, 4)
+    assert affinity.auto_choice(small, small, q=1) == ("reference", None)
+    assert affinity.auto_choice(small, small, q=2) == ("gram", None)
+    # Nearest measured shape (log N, log C): the large one; the reference is never chosen where
+    # its N x N matrices would not fit the limit, even when the nearest row measured it fastest.
+    assert affinity.auto_choice(torch.zeros(1, 20000, 128), torch.zeros(1, 20000, 128), q=1) == ("tiled", 256)
+    # ... unless the default tile is within the tie margin of the fastest.
+    table["cpu"][1][1] = (65536, 256, {"tiled:256": 3.0, f"tiled:{affinity.DEFAULT_TILE}": 3.1})
+    assert affinity.auto_choice(torch.zeros(1, 20000, 128), torch.zeros(1, 20000, 128), q=1) == ("tiled", affinity.DEFAULT_TILE)
+    monkeypatch.setattr(affinity, "AUTO_REFERENCE_MAX_BYTES", 1000)
+    assert affinity.auto_choice(small, small, q=1) == ("tiled", 64)
+    # fa_loss follows the choice (and its result is the reference's either way).
+    x = torch.randn(1, 3, 10, 30, dtype=F64)
+    y = torch.randn(1, 3, 10, 30, dtype=F64)
+    assert fa_loss(x, y, impl="auto").item() == pytest.approx(fa_loss(x, y, impl="reference").item(), rel=1e-12)
+    # No measurements for a device: the documented rule.
+    monkeypatch.setattr(affinity.calibration, "TIMINGS", {})
+    assert affinity.auto_choice(small, small, q=2) == ("gram", None)
+    assert resolve_impl("auto", torch.zeros(1, 5000, 4), q=1) == "tiled"
+
+
+def test_committed_calibration_covers_cpu():
+    # The table shipped with the package was measured on CPU for both q, and names real paths.
+    for q in (1, 2):
+        rows = affinity.calibration.TIMINGS["cpu"][q]
+        assert rows
+        for n, k, times in rows:
+            assert n > 0 and k > 0 and times
+            for name, seconds in times.items():
+                assert affinity._candidate(name)[0] in affinity.IMPLS and seconds > 0
+
+
+def test_flop_counts():
+    n, c = 8192, 128
+    # Full-size tile: one block, N^2 K forward (x2 FLOPs per multiply-add), 2 N^2 C_s backward.
+    assert affinity.fa_flops("tiled", n, c, c, tile=n) == 2 * n * n * 2 * c + 2 * n * n * c
+    assert affinity.fa_flops("tiled", n, c, c, tile=n, keep_signs=False) == 2 * (2 * n * n * 2 * c) + 2 * n * n * c
+    old = affinity.fa_flops("tiled", n, c, c, tile=1024, keep_signs=False)
+    assert old / 1e9 == pytest.approx(55.8, abs=0.05)  # issue's count for the recomputing kernel
+    assert affinity.fa_flops("tiled", n, c, c, tile=256) <= 0.7 * old
+    assert affinity.fa_flops("gram", n, c, c, q=2) < 0.05 * affinity.fa_flops("tiled", n, c, c, tile=256)
+    with pytest.raises(ValueError, match="impl"):
+        affinity.fa_flops("naive", n, c, c)

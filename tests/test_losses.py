@@ -215,6 +215,14 @@ def test_path_fa_loss_is_eq6():
         + 0.5 * fa_loss(s["1/32"], t["1/32"], q=2)
     )
     assert tiled.item() == pytest.approx(expected2.item(), abs=1e-13)
+    # The q = 2 fast path (Gram matrices, no N x N block) through Eq. 6, gradients included.
+    s_grad = feats(11, requires_grad=True)
+    gram = path_fa_loss(s_grad, t, lam=0.5, impl="gram", q=2)
+    ref = path_fa_loss(s_grad, t, lam=0.5, impl="reference", q=2)
+    assert gram.item() == pytest.approx(ref.item(), rel=1e-12)
+    for x, y in zip(torch.autograd.grad(gram, list(s_grad.values()), allow_unused=True),
+                    torch.autograd.grad(ref, list(s_grad.values()), allow_unused=True)):
+        assert (x is None and y is None) or torch.allclose(x, y, rtol=1e-10, atol=1e-16)
     with pytest.raises(ValueError, match="1/4"):
         path_fa_loss(s, {k: v for k, v in t.items() if k != "1/4"})
 
