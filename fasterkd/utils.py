@@ -140,7 +140,7 @@ def _host_tag() -> str:
     return f"{zlib.crc32(socket.gethostname().encode()):08x}"
 
 
-def _new_temporary(path: Path) -> tuple[int, Path]:
+def create_temporary(path: Path) -> tuple[int, Path]:
     """Create the folder and an empty owned temporary ``.<name>.<host>-<pid>.<random>.tmp`` beside ``path``."""
     try:
         ancestor = path.parent
@@ -168,7 +168,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     tmp_path: Path | None = None
     try:
-        fd, tmp_path = _new_temporary(path)
+        fd, tmp_path = create_temporary(path)
         os.close(fd)
         try:
             yield tmp_path
@@ -311,7 +311,7 @@ def _staged(path: Path, data: bytes | memoryview) -> Iterator[Path]:
     """A fsynced temporary beside ``path`` holding ``data``; removed on exit unless renamed away."""
     tmp_path: Path | None = None
     try:
-        fd, tmp_path = _new_temporary(path)
+        fd, tmp_path = create_temporary(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
