@@ -26,14 +26,16 @@ import warnings
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # torch is imported where used: the run lock and the cleanup start without it
+    import torch
 
 
 def pick_device(device: str | torch.device = "auto") -> torch.device:
     """Return a torch.device; ``"auto"`` picks CUDA when present, else CPU."""
+    import torch
+
     if isinstance(device, torch.device):
         return device
     if device == "auto":
@@ -45,6 +47,9 @@ def pick_device(device: str | torch.device = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA)."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -237,6 +242,8 @@ def _leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def _digest(value: Any) -> str:
+    import torch
+
     h = hashlib.sha256()
     if isinstance(value, torch.Tensor):
         t = value.detach()
@@ -269,6 +276,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     inside the file's zip archive (:func:`load_verified` checks them; plain ``torch.load`` ignores
     them). Serialised in memory first, so a failed write is an ``OSError`` of the file, not torch's
     ``inline_container`` message; any failure is a :class:`WriteError` naming ``path``."""
+    import torch
+
     path = Path(path)
     try:
         buf = io.BytesIO()
@@ -288,6 +297,8 @@ def atomic_torch_save_all(items: Sequence[tuple[Any, str | os.PathLike]]) -> Non
     renames then leaves the earlier files newer, never older, than the last one, so a resume that
     redoes the unfinished step rewrites them consistently.
     """
+    import torch
+
     with contextlib.ExitStack() as stack:
         temps = []
         for obj, target in items:
@@ -352,6 +363,8 @@ def load_verified(path: str | os.PathLike, map_location: str | torch.device = "c
     checksums (written before they were recorded, or by plain ``torch.save``) loads with a warning,
     or is refused when ``require_checksums``.
     """
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
