@@ -92,7 +92,9 @@ def coerce_override(key: str, raw: Any, target: Any) -> Any:
     """``raw`` as a value of the field ``key``'s type, or ``ValueError`` naming ``key`` and the type.
 
     ``target`` is the field's type (``int``, ``float | None``, ``tuple[int, int]``, ... as given by
-    :func:`field_types`) or, when it is not a type, the field's default value, whose type is used.
+    :func:`field_types`) or, when it is not a type, the field's default value, whose type is used
+    (a default tuple stands for a tuple of any length: pass the annotation to fix the length; a
+    default None accepts any JSON value). Prefer the annotation.
     ``raw`` is a command-line string (parsed) or a value read from JSON/YAML (validated).
     """
     tp = target if _is_annotation(target) else _type_of_default(target)
