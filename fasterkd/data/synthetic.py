@@ -618,10 +618,6 @@ def foreign_data(out: str | os.PathLike, size: tuple[int, int]) -> str | None:
     if not out.is_dir():
         return None
     h, w = size
-    others = sorted(p.name for p in out.iterdir()
-                    if p.name not in ("leftImg8bit", "gtFine", "synthetic.json") and not p.name.endswith(".tmp"))
-    if others:
-        return f"it holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})"
     for top in ("leftImg8bit", "gtFine"):
         folder = out / top
         if folder.exists() and not folder.is_dir():
@@ -631,6 +627,10 @@ def foreign_data(out: str | os.PathLike, size: tuple[int, int]) -> str | None:
         cities = sorted({c.name for split in folder.iterdir() if split.is_dir() for c in split.iterdir()} - {"synth"})
         if cities:
             return f"it holds a Cityscapes-layout dataset (cities {', '.join(cities[:5])}{', ...' if len(cities) > 5 else ''})"
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in ("leftImg8bit", "gtFine", "synthetic.json") and not p.name.endswith(".tmp"))
+    if others:
+        return f"it holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})"
     meta = out / "synthetic.json"
     if meta.is_file():
         try:
