@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import types
 import typing
@@ -164,6 +165,8 @@ def _coerce(key: str, raw: Any, tp: Any) -> Any:
     if tp is str:
         if text:
             return raw
+        if isinstance(raw, os.PathLike):  # a checkpoint or arch path given as a Path
+            return os.fspath(raw)
         raise _fail(key, raw, tp)
     if origin in (tuple, list):
         return _coerce_sequence(key, raw, tp, origin, args)

@@ -36,6 +36,7 @@ GOOD = [
     ("search.lasts", "[[2, 0], [2, 1]]", ((2, 0), (2, 1))), ("search.lasts", [[2]], ((2,),)),
     ("search.fps_min", "None", None), ("search.supernet", '{"layers": 4}', {"layers": 4}),
     ("data.root", "", ""), ("data.root", "data/cityscapes", "data/cityscapes"), ("device", "cuda:1", "cuda:1"),
+    ("data.root", Path("data/cs"), "data/cs"),
 ]
 
 # (key, raw, words the error must hold besides the key)
