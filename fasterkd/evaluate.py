@@ -79,14 +79,36 @@ def predict_logits(model: nn.Module, image: Tensor) -> Tensor:
     return out.main if hasattr(out, "main") else out
 
 
+def check_max_images(max_images: int | None, name: str = "max_images") -> int | None:
+    """``max_images`` is None (every image) or an integer >= 1; 0 or a negative count is an error."""
+    if max_images is None:
+        return None
+    if isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1:
+        raise ValueError(f"{name} must be None (every image) or an integer >= 1, got {max_images!r}")
+    return max_images
+
+
+def _describe_loader(loader: Any) -> str:
+    """The dataset behind a loader, for an error message (its repr names root and split)."""
+    ds = getattr(loader, "dataset", loader)
+    while hasattr(ds, "dataset") and not hasattr(ds, "root"):  # torch Subset and friends
+        ds = ds.dataset
+    return repr(ds) if hasattr(ds, "root") else type(ds).__name__
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: str | torch.device = "cpu",
-             num_classes: int = NUM_CLASSES, max_images: int | None = None) -> dict[str, Any]:
+             num_classes: int = NUM_CLASSES, max_images: int | None = None,
+             allow_empty: bool = False) -> dict[str, Any]:
     """mIoU, per-class IoU and pixel accuracy of ``model`` over ``loader`` at the labels' resolution.
 
     ``loader`` yields dataset items ``{"image", "label", ...}`` (batched). The model runs in eval
-    mode; its training flag is restored afterwards.
+    mode; its training flag is restored afterwards. ``max_images`` is None or >= 1.
+
+    A loader that yields no image, or whose labels are all ignore (255), has nothing to score: a
+    ``ValueError`` naming the dataset, unless ``allow_empty`` (then mIoU and pixel accuracy are NaN).
     """
+    check_max_images(max_images)
     device = torch.device(device)
     cm = ConfusionMatrix(num_classes)
     was = model.training
@@ -106,6 +128,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict[str, Any]], device: str | t
                 break
     finally:
         model.train(was)
+    if not allow_empty and (images == 0 or int(cm.matrix.sum()) == 0):
+        what = "no image" if images == 0 else f"{images} images whose labels are all ignore ({IGNORE_INDEX})"
+        raise ValueError(f"nothing to evaluate: {_describe_loader(loader)} gave {what}; mIoU is undefined")
     result = cm.summary()
     result["images"] = images
     result["confusion"] = cm.matrix.tolist()

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -41,13 +42,24 @@ def check_dataset(root: str | os.PathLike, split: str = "val") -> dict:
 
     Returns ``{"images": N, "pixels_per_class": [19 ints], "ignored": N}``. Every file is
     decoded and every image/label size pair checked, so a broken dataset fails here with the
-    path of the first bad file.
+    path of the first bad file. A split whose labels are all ignore (255) is a ``ValueError``
+    (evaluation would have no pixel to score); single all-ignore frames give a warning.
     """
     ds = build_dataset(root, split)
     counts = np.zeros(256, dtype=np.int64)
+    empty = []
     for i in range(len(ds)):
         _, label = ds.load(i)
-        counts += np.bincount(label.ravel(), minlength=256)
+        frame = np.bincount(label.ravel(), minlength=256)
+        if frame[:NUM_CLASSES].sum() == 0:
+            empty.append(ds.name(i))
+        counts += frame
+    if counts[:NUM_CLASSES].sum() == 0:
+        raise ValueError(f"every label pixel of split {split!r} in {str(root)!r} is ignore (255): nothing to train on "
+                         "or evaluate (labels in another id scheme, or 16-bit/colour-coded labels?)")
+    if empty:
+        warnings.warn(f"{len(empty)} of {len(ds)} labels of split {split!r} in {str(root)!r} are all ignore (255), "
+                      f"e.g. {empty[0]}", stacklevel=2)
     return {
         "images": len(ds),
         "pixels_per_class": [int(c) for c in counts[:NUM_CLASSES]],

@@ -18,6 +18,7 @@ which is also what :func:`fasterkd.data.synthetic.write_synthetic` writes.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -158,14 +159,29 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         raise ValueError(f"cannot read image file {str(path)!r} (expected an RGB PNG/JPEG): {e}") from None
 
 
+LABEL_ID_MAX = 33  # the largest Cityscapes label id (``licence plate`` is -1)
+
+
 def read_label(path: str | os.PathLike, kind: str) -> np.ndarray:
-    """A label file as uint8 train ids (H, W); ``kind`` is ``"labelIds"`` or ``"trainIds"``."""
+    """A label file as uint8 train ids (H, W); ``kind`` is ``"labelIds"`` or ``"trainIds"``.
+
+    Refused with a ``ValueError`` naming the file: a label that is not a PNG (a JPEG changes ids
+    along every edge: it is never a usable label), a multi-channel image, and a 16/32-bit image
+    whose values do not fit in 0..255 (e.g. ids scaled to 16 bits: read as is they would all be
+    ignore). A 16-bit image whose values are plain ids is read as is (the ids are intact). Values
+    that are no label (a train id in 19..254, a label id in 34..254, as a JPEG-compressed or
+    colour-coded image that was re-saved as PNG holds) are mapped to 255 as before, with a warning
+    naming the file and the values.
+    """
     path = Path(path)
     if kind not in ("labelIds", "trainIds"):
         raise ValueError(f"kind must be 'labelIds' or 'trainIds', got {kind!r}")
     try:
         with Image.open(path) as im:
-            if im.mode not in ("L", "P", "I", "I;16"):
+            if im.format != "PNG":
+                raise ValueError(f"label file {str(path)!r} is a {im.format} image; labels must be lossless PNG "
+                                 "(JPEG compression changes the ids along every edge)")
+            if im.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
                 raise ValueError(f"label file {str(path)!r} has mode {im.mode}; expected a single-channel id image")
             arr = np.asarray(im)
     except FileNotFoundError:
@@ -174,10 +190,29 @@ def read_label(path: str | os.PathLike, kind: str) -> np.ndarray:
         raise
     except (OSError, SyntaxError) as e:
         raise ValueError(f"cannot read label file {str(path)!r} (expected a single-channel PNG of ids): {e}") from None
+    if arr.dtype != np.uint8:
+        wide = arr.astype(np.int64)
+        low, high = (int(wide.min()), int(wide.max())) if wide.size else (0, 0)
+        if high > 255 or (kind == "trainIds" and low < 0):
+            raise ValueError(f"label file {str(path)!r} is a {8 * arr.dtype.itemsize}-bit image with values "
+                             f"{low}..{high}; expected ids in 0..255 (save labels as 8-bit PNG)")
+        if kind == "labelIds":
+            return labelids_to_trainids(wide)  # -1 (licence plate) -> 255
+        arr = wide.astype(np.uint8)
     if kind == "labelIds":
+        _warn_non_label(path, arr, LABEL_ID_MAX + 1, "label ids 0..33")
         return labelids_to_trainids(arr)
-    arr = arr.astype(np.int64)
+    _warn_non_label(path, arr, NUM_CLASSES, "train ids 0..18")
     return np.where(arr < NUM_CLASSES, arr, IGNORE_INDEX).astype(np.uint8)
+
+
+def _warn_non_label(path: Path, arr: np.ndarray, first_bad: int, expected: str) -> None:
+    bad = (arr >= first_bad) & (arr != IGNORE_INDEX)
+    if bad.any():
+        values = np.unique(arr[bad])
+        warnings.warn(f"label file {str(path)!r}: {int(bad.sum())} pixels hold values {values[:6].tolist()} that are "
+                      f"neither {expected} nor 255 (a JPEG-compressed or colour-coded label?); read as ignore (255)",
+                      stacklevel=3)
 
 
 class CityscapesDataset(torch.utils.data.Dataset):

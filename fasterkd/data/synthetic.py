@@ -549,15 +549,27 @@ def _finish(s: _Scene, label: np.ndarray) -> np.ndarray:
     return np.clip(rgb + noise, 0, 255).round().astype(np.uint8)
 
 
+MAX_SIDE = 8192  # 4x Cityscapes' width; a scene's arrays take about 40 bytes per pixel
+
+
+def _check_size(size: tuple[int, int] | str, name: str = "size") -> tuple[int, int]:
+    """A scene size (H, W) within [8, MAX_SIDE] per side; a larger one is refused before any memory is taken."""
+    h, w = parse_size(size, name)
+    if h < 8 or w < 8:
+        raise ValueError(f"{name} must be at least 8x8, got {h}x{w}")
+    if h > MAX_SIDE or w > MAX_SIDE:
+        raise ValueError(f"{name} must be at most {MAX_SIDE}x{MAX_SIDE} (a scene of {h}x{w} needs about "
+                         f"{40 * h * w / 2**30:.0f} GiB of memory), got {h}x{w}")
+    return h, w
+
+
 def render_scene(seed: int, index: int, size: tuple[int, int] | str = (256, 512)) -> tuple[np.ndarray, np.ndarray]:
     """Render scene ``index`` of stream ``seed``: (rgb uint8 (H, W, 3), train ids uint8 (H, W)).
 
     Deterministic for (seed, index) at a given size; geometry is in metres and projected, so
     every resolution shows the same scene.
     """
-    h, w = parse_size(size, "size")
-    if h < 8 or w < 8:
-        raise ValueError(f"size must be at least 8x8, got {h}x{w}")
+    h, w = _check_size(size)
     if seed < 0 or index < 0:
         raise ValueError(f"seed and index must be non-negative, got seed={seed}, index={index}")
     rng = np.random.default_rng([int(seed), int(index)])
@@ -595,8 +607,52 @@ def _save_png(array: np.ndarray, path: Path) -> None:
         Image.fromarray(array).save(tmp, format="PNG")
 
 
+def foreign_data(out: str | os.PathLike, size: tuple[int, int]) -> str | None:
+    """Why ``out`` holds data other than synthetic scenes of ``size`` (None when it holds none).
+
+    Other data: files or folders besides ``leftImg8bit/``, ``gtFine/`` and ``synthetic.json`` (a run
+    folder, anything), a city folder other than ``synth`` (a real Cityscapes tree), or synthetic
+    scenes of another size (read from ``synthetic.json`` or one image's header).
+    """
+    out = Path(out)
+    if not out.is_dir():
+        return None
+    h, w = size
+    for top in ("leftImg8bit", "gtFine"):
+        folder = out / top
+        if folder.exists() and not folder.is_dir():
+            return f"{top} is a file"
+        if not folder.is_dir():
+            continue
+        cities = sorted({c.name for split in folder.iterdir() if split.is_dir() for c in split.iterdir()} - {"synth"})
+        if cities:
+            return f"it holds a Cityscapes-layout dataset (cities {', '.join(cities[:5])}{', ...' if len(cities) > 5 else ''})"
+    others = sorted(p.name for p in out.iterdir()
+                    if p.name not in ("leftImg8bit", "gtFine", "synthetic.json") and not p.name.endswith(".tmp"))
+    if others:
+        return f"it holds other files ({', '.join(others[:5])}{', ...' if len(others) > 5 else ''})"
+    meta = out / "synthetic.json"
+    if meta.is_file():
+        try:
+            recorded = json.loads(meta.read_text()).get("size")
+        except (OSError, ValueError, AttributeError):
+            return f"{meta} cannot be read"
+        if recorded is not None and list(recorded) != [h, w]:
+            return f"it holds synthetic scenes of size {recorded[0]}x{recorded[1]}"
+    for image in sorted((out / "leftImg8bit").glob("*/synth/*_leftImg8bit.png"))[:1]:
+        try:
+            with Image.open(image) as im:
+                have_w, have_h = im.size
+        except OSError:
+            return f"{image} cannot be read"
+        if (have_h, have_w) != (h, w):
+            return f"it holds synthetic scenes of size {have_h}x{have_w}"
+    return None
+
+
 def write_synthetic(out: str | os.PathLike, n: int, size: tuple[int, int] | str = (256, 512), seed: int = 0,
-                    split: str = "train", start: int | None = None, only_missing: bool = False) -> int:
+                    split: str = "train", start: int | None = None, only_missing: bool = False,
+                    force: bool = False) -> int:
     """Write ``n`` scenes into ``out`` in the Cityscapes layout; returns how many were written.
 
     Files: ``leftImg8bit/<split>/synth/synth_<seed>_<index:06d>_leftImg8bit.png`` and
@@ -606,6 +662,10 @@ def write_synthetic(out: str | os.PathLike, n: int, size: tuple[int, int] | str 
     that ``--split train`` and ``--split val`` with one seed give different scenes. Each file is
     written atomically (a crash leaves no half-written PNG); the bytes depend only on
     (seed, index, size). ``only_missing`` skips scenes whose two files exist.
+
+    A folder that holds other data (:func:`foreign_data`: a real Cityscapes tree, synthetic scenes
+    of another size, other files) is refused with a ``ValueError`` unless ``force``; adding scenes
+    of the same size (another split or seed) is allowed.
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
@@ -613,13 +673,17 @@ def write_synthetic(out: str | os.PathLike, n: int, size: tuple[int, int] | str 
         raise ValueError(f"seed must be >= 0, got {seed}")
     if not split or "/" in split or split.startswith("."):
         raise ValueError(f"split must be a plain folder name, got {split!r}")
-    size = parse_size(size, "size")
+    size = _check_size(size)
     start = split_offset(split) if start is None else int(start)
     if start < 0 or start + n > 1_000_000:
         raise ValueError(f"scene indices must lie in [0, 1000000), got start={start}, n={n}")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {str(out)!r} exists and is not a folder")
+    why = None if force else foreign_data(out, size)
+    if why is not None:
+        raise ValueError(f"out {str(out)!r} already holds other data: {why}; choose an empty folder "
+                         "(or force writing into it)")
     written = 0
     for index in range(start, start + n):
         image_path, label_path = scene_paths(out, split, seed, index)
@@ -640,7 +704,7 @@ def ensure_synthetic(root: str | os.PathLike, splits: dict[str, int], size: tupl
     with a different size or seed is an error rather than a silent mix.
     """
     root = Path(root)
-    size = parse_size(size, "size")
+    size = _check_size(size)
     meta_path = root / "synthetic.json"
     meta = {"generator": "fasterkd.data.synthetic", "size": list(size), "seed": int(seed)}
     if meta_path.is_file():
@@ -648,10 +712,15 @@ def ensure_synthetic(root: str | os.PathLike, splits: dict[str, int], size: tupl
             old = json.loads(meta_path.read_text())
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {str(meta_path)!r}: {e}") from None
+        if not isinstance(old, dict):
+            raise ValueError(f"{str(meta_path)!r} is not a synthetic-set record (expected a JSON object)")
         if old.get("size") != meta["size"] or old.get("seed") != meta["seed"]:
             raise ValueError(f"{str(root)!r} holds synthetic scenes of size {old.get('size')} seed {old.get('seed')}, "
                              f"expected size {meta['size']} seed {meta['seed']}; use another folder")
     else:
+        why = foreign_data(root, size)
+        if why is not None:
+            raise ValueError(f"{str(root)!r} holds other data ({why}); use another folder")
         atomic_write_json(meta_path, meta)
     for split, n in splits.items():
         write_synthetic(root, n, size, seed=seed, split=split, only_missing=True)

@@ -9,6 +9,7 @@ channels, which equals the official ``int(round(s * fch * w))`` with ``w = chi /
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,24 @@ from typing import Any
 ARCH_FORMAT = "fasterkd-arch"
 ARCH_VERSION = 1
 PRIMITIVES = ("skip", "conv", "conv_downup", "conv_2x", "conv_2x_downup")
+RATE_NAMES = {0: "1/8", 1: "1/16", 2: "1/32"}
+
+
+def _is_int(value: Any) -> bool:
+    """A whole number stored as one (not a bool, not a float such as 4.0 or 4.5, not a string "4")."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_ints(where: str, field_name: str, values: Any, low: int, high: int | None = None) -> None:
+    """``values`` must be a list of integers in [low, high]; the error names the field and the bad item."""
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{where}: {field_name} must be a list of integers, got {type(values).__name__}")
+    for i, v in enumerate(values):
+        if not _is_int(v):
+            raise ValueError(f"{where}: {field_name}[{i}] must be an integer, got {v!r} ({type(v).__name__})")
+        if v < low or (high is not None and v > high):
+            bound = f"in {low}..{high}" if high is not None else f">= {low}"
+            raise ValueError(f"{where}: {field_name}[{i}] must be {bound}, got {v}")
 
 
 @dataclass
@@ -36,6 +55,13 @@ class BranchSpec:
     chis: list[int]
 
     def validate(self, where: str = "branch") -> None:
+        if not _is_int(self.last) or self.last not in RATE_NAMES:
+            raise ValueError(f"{where}: last must be 0, 1 or 2 (1/8, 1/16, 1/32), got {self.last!r}")
+        if not isinstance(self.ops, (list, tuple)) or not self.ops or not all(isinstance(op, str) for op in self.ops):
+            raise ValueError(f"{where}: ops must be a non-empty list of op names from {PRIMITIVES}, got {self.ops!r}")
+        _check_ints(where, "path", self.path, 0, 2)
+        _check_ints(where, "downs", self.downs, 0, 1)
+        _check_ints(where, "chis", self.chis, 1)
         n = len(self.ops)
         if not (len(self.path) == len(self.downs) == n and len(self.chis) == n - 1):
             raise ValueError(
@@ -64,10 +90,25 @@ class ArchSpec:
     source: dict[str, Any] = field(default_factory=dict)  # provenance (file, derivation rule, ...)
 
     def validate(self) -> "ArchSpec":
-        if not self.branches:
+        for name in ("fch", "stem_chi", "head_chi"):
+            value = getattr(self, name)
+            if not _is_int(value):
+                raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+            if value <= 0:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"name must be a string, got {self.name!r}")
+        if not isinstance(self.source, dict):
+            raise ValueError(f"source must be a mapping, got {type(self.source).__name__}")
+        if not isinstance(self.branches, (list, tuple)) or not self.branches:
             raise ValueError("ArchSpec needs at least one branch")
         for b, branch in enumerate(self.branches):
-            branch.validate(f"branch {b} (last={branch.last})")
+            if not isinstance(branch, BranchSpec):
+                raise ValueError(f"branches[{b}] must be a branch, got {type(branch).__name__}")
+            branch.validate(f"branch {b} (last={branch.last!r})")
+        lasts = [b.last for b in self.branches]
+        if len(set(lasts)) != len(lasts):
+            raise ValueError(f"branches must end at distinct rates, got lasts {lasts}")
         return self
 
     @property
@@ -76,7 +117,7 @@ class ArchSpec:
 
     def summary(self) -> str:
         """A readable layer table per branch: op, rate, channels (s * chi) and stride (spec §8.4 layout)."""
-        names = {0: "1/8", 1: "1/16", 2: "1/32"}
+        names = RATE_NAMES
         lines = [f"{self.name}: fch {self.fch}, stem {8 * self.stem_chi} ch, head chi {self.head_chi}, branches {self.lasts}"]
         for branch in self.branches:
             lines.append(f"branch ending at {names[branch.last]} ({len(branch.ops)} layers)")
@@ -94,22 +135,27 @@ class ArchSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "arch") -> "ArchSpec":
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object (a fasterkd arch), got {type(d).__name__}")
         if d.get("format") != ARCH_FORMAT:
             raise ValueError(f"{where}: not a fasterkd arch file (format={d.get('format')!r}, expected {ARCH_FORMAT!r})")
         if d.get("version") != ARCH_VERSION:
             raise ValueError(f"{where}: arch format version {d.get('version')!r}; this fasterkd reads version {ARCH_VERSION}")
-        try:
-            branches = [BranchSpec(**b) for b in d["branches"]]
-            spec = cls(
-                fch=int(d["fch"]),
-                stem_chi=int(d["stem_chi"]),
-                head_chi=int(d["head_chi"]),
-                branches=branches,
-                name=d.get("name", "arch"),
-                source=d.get("source", {}),
-            )
-        except (KeyError, TypeError) as e:
-            raise ValueError(f"{where}: malformed arch JSON ({e})") from e
+        missing = [k for k in ("fch", "stem_chi", "head_chi", "branches") if k not in d]
+        if missing:
+            raise ValueError(f"{where}: malformed arch JSON (missing {missing})")
+        if not isinstance(d["branches"], list):
+            raise ValueError(f"{where}: branches must be a list, got {type(d['branches']).__name__}")
+        branches = []
+        for b, item in enumerate(d["branches"]):
+            keys = {"last", "ops", "path", "downs", "chis"}
+            if not isinstance(item, dict) or set(item) != keys:
+                got = sorted(item) if isinstance(item, dict) else type(item).__name__
+                raise ValueError(f"{where}: branches[{b}] must be an object with keys {sorted(keys)}, got {got}")
+            branches.append(BranchSpec(**item))
+        # no int(): a chi of "4" or 4.5 is a broken file, not a 4 (validate() names the field)
+        spec = cls(fch=d["fch"], stem_chi=d["stem_chi"], head_chi=d["head_chi"], branches=branches,
+                   name=d.get("name", "arch"), source=d.get("source", {}))
         try:
             return spec.validate()
         except ValueError as e:
@@ -126,7 +172,7 @@ class ArchSpec:
         if not path.is_file():
             raise FileNotFoundError(f"arch file {path} does not exist (expected a fasterkd arch JSON)")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from e
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
         return cls.from_dict(d, where=str(path))
