@@ -41,9 +41,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from fasterkd.config import PROFILES
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROFILES = ("smoke", "quick", "paper")
 #: the parameters every notebook may declare; the runner passes only those a notebook declares
 NOTEBOOK_PARAMETERS = ("profile", "run_dir", "data_root", "device")
 STATE_FILE = "book_state.json"
