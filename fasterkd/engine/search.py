@@ -69,6 +69,7 @@ from fasterkd.engine.trainer import (
     run_evaluation,
     start_run_folder,
 )
+from fasterkd.models.latency import decoupled_latency
 from fasterkd.models.outputs import SegOutput
 from fasterkd.utils import atomic_write_json, seed_everything
 
@@ -288,7 +289,7 @@ class Searcher:
                             t = self.teacher(xa).main
                         terms["dist"] = cfg.loss.kd_weight * dist_term(preds, t, ya, cfg)
                         arch_loss = arch_loss + terms["dist"]
-                lat = net.decoupled_latency(ARCH, self.lut, input_size=tuple(cfg.search.latency_input))
+                lat = decoupled_latency(net, ARCH, self.lut, input_size=tuple(cfg.search.latency_input))
                 terms["arch_seg"], terms["latency_ms"] = seg, lat
                 arch_total = arch_loss + self.latency_weight * lat
                 check_finite(arch_total, terms, step=step, epoch=epoch, batch=i, last=last, what="search loss")
