@@ -30,8 +30,9 @@ def inference_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
     return model
 
 
-def evaluate_checkpoint(checkpoint: str | os.PathLike, device: str | torch.device = "auto", data_root: str | None = None,
-                        split: str | None = None, max_images: int | None = None) -> dict[str, Any]:
+def evaluate_checkpoint(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
+                        data_root: str | None = None, split: str | None = None,
+                        max_images: int | None = None) -> dict[str, Any]:
     """mIoU, per-class IoU (null for a class absent from the split) and pixel accuracy of a checkpoint
     at full resolution on ``split`` (default: its validation split) of its data (or ``data_root``)."""
     from fasterkd.data.transforms import EvalTransform

@@ -92,7 +92,8 @@ class Objective(nn.Module):
                 terms["fa"] = cfg.loss.fa_weight * path_fa_loss(s_feats, t_feats, lam=cfg.loss.fa_lambda,
                                                                 convnorm=self.convnorm)
         else:
-            raise ValueError(f"stage {stage!r} has no training objective here (the search runs in fasterkd.engine.search)")
+            raise ValueError(f"stage {stage!r} has no training objective here "
+                             "(the search runs in fasterkd.engine.search)")
         total = sum(terms.values())
         return total, terms
 

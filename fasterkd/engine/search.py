@@ -76,6 +76,7 @@ from fasterkd.utils import atomic_write_json, seed_everything
 ARCH = 0  # the single (student) architecture of the search supernet
 EVAL_HEAD = "8s_32s"  # FasterSeg validates the "8s_32s" and "16s_32s" heads (spec §6.4)
 
+
 class SupernetView(nn.Module):
     """A supernet seen as a segmentation model: one head at one width mode, as a ``SegOutput``.
 
