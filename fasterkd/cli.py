@@ -1,8 +1,7 @@
 """The ``fasterkd`` command line: one sub-command per stage of the paper.
 
-Each handler parses flags and calls the library; no logic lives here. Training, search,
-evaluation, prediction and export are wired by :func:`fasterkd.train.add_train_commands`, the
-book runner by :func:`fasterkd.book.add_book_command`.
+Each handler parses flags, calls the library and prints; no logic lives here (tests/test_structure.py
+holds it to that). The book runner's parser is :func:`fasterkd.book.add_book_command`.
 """
 
 from __future__ import annotations
@@ -11,8 +10,42 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from fasterkd.config import OVERRIDES, PROFILES, STAGES
 from fasterkd.utils import parse_size
+
+if TYPE_CHECKING:
+    from fasterkd.config import TrainConfig
+    from fasterkd.engine.trainer import StageResult
+
+EPILOG_TRAIN = """examples (the quick chain; a search's arch.json is the student of every later stage):
+  fasterkd train teacher  --profile quick --out runs/teacher
+  fasterkd search         --profile quick --teacher runs/teacher/best.pt --out runs/search
+  fasterkd train baseline --profile quick --teacher runs/teacher/best.pt --arch runs/search/arch.json --out runs/baseline
+  fasterkd train tutor    --profile quick --teacher runs/teacher/best.pt --arch runs/search/arch.json --init runs/baseline/best.pt --out runs/tutor
+  fasterkd train student  --profile quick --tutor runs/tutor/best.pt --arch runs/search/arch.json --init runs/baseline/best.pt --fa-weight 1 --out runs/student
+  fasterkd train head     --profile quick --teacher runs/teacher/best.pt --arch runs/search/arch.json --init runs/baseline/best.pt --out runs/head
+  fasterkd train baseline --config my.yaml --resume          # continue a killed run (YAML/JSON: preset names or dotted paths)
+  fasterkd train baseline --profile smoke --set optim.lr=0.005 --set loss.ohem=false
+  torchrun --nproc_per_node 4 -m fasterkd train baseline --profile paper --data-root data/cityscapes --teacher hrnet_w48.pth
+"""
+EPILOG_SEARCH = """examples:
+  fasterkd search --profile quick --teacher runs/teacher/best.pt --out runs/search
+  fasterkd search --profile paper --data-root data/cityscapes --teacher hrnet_w48.pth --latency-table official
+  fasterkd latency-table --out lut.json --input 512x1024 && fasterkd search --latency-table lut.json
+"""
+EPILOG_EVAL = """examples:
+  fasterkd eval runs/student/best.pt --json runs/student/val.json
+  fasterkd eval runs/student/best.pt --data-root data/cityscapes --split val --device cuda
+"""
+EPILOG_PREDICT = """examples:
+  fasterkd predict runs/student/best.pt frame1.png frame2.jpg --out predictions/
+"""
+EPILOG_EXPORT = """examples:
+  fasterkd export runs/student/best.pt --format onnx --out student.onnx --input 1024x2048
+"""
+
 
 EPILOG_DATA = """examples:
   fasterkd data synth --out data/synth --n 200 --size 256x512 --split train
@@ -99,6 +132,162 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_train_config(stage: str, args: argparse.Namespace) -> "TrainConfig":
+    """Profile preset <- ``--config`` file <- command-line flags (``--set KEY=VALUE``: JSON values)."""
+    from fasterkd.config import layered_config
+
+    flags = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name, None) is not None}
+    for dotted in args.set or []:
+        if "=" not in dotted:
+            raise ValueError(f"--set expects KEY=VALUE, got {dotted!r}")
+        k, v = dotted.split("=", 1)
+        try:
+            flags[k] = json.loads(v)
+        except json.JSONDecodeError:
+            flags[k] = v
+    if "crop" in flags and isinstance(flags["crop"], str):
+        flags["crop"] = parse_size(flags["crop"], "--crop")
+    return layered_config(stage, args.profile, args.config, flags)
+
+
+def _print_result(result: StageResult) -> None:
+    ev = result.eval
+    if ev and "miou" in ev:
+        print(f"final mIoU {ev['miou']:.4f}, pixel acc {ev['pixel_acc']:.4f} on {ev['images']} images")
+    elif ev:  # the search: the derived student of the last epoch
+        miou = ev.get("val_miou")
+        print(f"derived branches {ev['lasts']}: LUT latency {ev['latency_ms']:.3f} ms ({ev['fps']:.1f} FPS), "
+              f"supernet mIoU {'n/a' if miou is None else f'{miou:.4f}'}")
+    print(f"wrote {result.out_dir} (last.pt, best.pt, metrics.csv, eval.json)")
+    if result.arch is not None:
+        print(f"derived arch: {result.arch}")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from fasterkd.train import run_stage
+
+    _print_result(run_stage(_parse_train_config(args.stage, args), resume=args.resume))
+    return 0
+
+
+def _cmd_search(args: argparse.Namespace) -> int:
+    from fasterkd.train import run_stage
+
+    _print_result(run_stage(_parse_train_config("search", args), resume=args.resume))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from fasterkd.data.cityscapes import CLASS_NAMES
+    from fasterkd.inference import evaluate_checkpoint
+    from fasterkd.utils import atomic_write_json
+
+    result = evaluate_checkpoint(args.checkpoint, args.device, args.data_root, args.split, args.max_images)
+    if args.json:
+        atomic_write_json(args.json, result)
+    print(f"mIoU {result['miou']:.4f}  pixel acc {result['pixel_acc']:.4f}  ({result['images']} images)")
+    for name, iou in zip(CLASS_NAMES, result["iou"]):
+        print(f"  {name:14s} {iou:.4f}" if iou is not None and iou == iou else f"  {name:14s} n/a")
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from fasterkd.inference import predict_checkpoint
+
+    written = predict_checkpoint(args.checkpoint, [Path(p) for p in args.images], Path(args.out), args.device)
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from fasterkd.inference import export_checkpoint
+
+    if args.format != "onnx":
+        raise ValueError(f"--format must be onnx, got {args.format!r}")
+    out, info = export_checkpoint(args.checkpoint, args.out, parse_size(args.input, "--input"), opset=args.opset)
+    print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e} "
+          f"(output {info['output_shape']})")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None, help="YAML/JSON file of options (preset names or dotted paths)")
+    p.add_argument("--profile", choices=PROFILES, default=None, help="smoke | quick (default) | paper")
+    p.add_argument("--data-root", dest="data_root", default=None, help="Cityscapes-layout root; '' = synthetic")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
+    p.add_argument("--out", dest="out_dir", default=None, help="output folder")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--crop", default=None, help="training crop HxW")
+    p.add_argument("--teacher", default=None, help="HRNet teacher checkpoint (teacher run or official file)")
+    p.add_argument("--teacher-model", dest="teacher_model", default=None, help="HRNet name of an official file")
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default=None)
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    p.add_argument("--workers", dest="num_workers", type=int, default=None)
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. --set optim.lr=0.005")
+    p.add_argument("--resume", nargs="?", const=True, default=False, help="continue from OUT/last.pt (or a given checkpoint)")
+
+
+def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
+    """Register ``train``, ``search``, ``eval``, ``predict`` and ``export`` on the fasterkd CLI."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    train = sub.add_parser("train", help="train one stage (teacher, baseline, tutor, student, head)",
+                           epilog=EPILOG_TRAIN, formatter_class=fmt)
+    train.add_argument("stage", choices=[s for s in STAGES if s != "search"])
+    _add_common(train)
+    train.add_argument("--tutor", default=None, help="tutor checkpoint (student stage)")
+    train.add_argument("--init", default=None, help="baseline student checkpoint to start from")
+    train.add_argument("--arch", default=None, help="arch JSON (e.g. a search's arch.json)")
+    train.add_argument("--head", choices=["bilinear", "pixel_shuffle"], default=None)
+    train.add_argument("--fa-weight", dest="fa_weight", type=float, default=None, help="c of Eq. 10")
+    train.add_argument("--fa-convnorm", dest="fa_convnorm", action="store_true", default=None)
+    train.add_argument("--quarter-depth", dest="quarter_depth", type=int, default=None)
+    train.add_argument("--kd-weight", dest="kd_weight", type=float, default=None)
+    train.set_defaults(func=_cmd_train)
+
+    search = sub.add_parser("search", help="teacher-guided architecture search (Eq. 7)", epilog=EPILOG_SEARCH,
+                            formatter_class=fmt)
+    _add_common(search)
+    search.add_argument("--pretrain-epochs", dest="pretrain_epochs", type=int, default=None)
+    search.add_argument("--latency-table", dest="latency_table", default=None, help="official or a JSON table")
+    search.add_argument("--latency-weight", dest="latency_weight", type=float, default=None, help="lambda1 of Eq. 7")
+    search.add_argument("--kd-weight", dest="kd_weight", type=float, default=None,
+                        help="lambda2 of Eq. 7 (0: FasterSeg's objective without HRNet)")
+    search.set_defaults(func=_cmd_search)
+
+    ev = sub.add_parser("eval", help="mIoU and per-class IoU at full resolution", epilog=EPILOG_EVAL,
+                        formatter_class=fmt)
+    ev.add_argument("checkpoint", type=Path)
+    ev.add_argument("--data-root", dest="data_root", default=None, help="default: the checkpoint's data")
+    ev.add_argument("--split", default=None)
+    ev.add_argument("--device", default="auto")
+    ev.add_argument("--max-images", dest="max_images", type=int, default=None)
+    ev.add_argument("--json", type=Path, default=None, help="write the result here")
+    ev.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="colour-coded predictions and overlays of images", epilog=EPILOG_PREDICT,
+                        formatter_class=fmt)
+    pr.add_argument("checkpoint", type=Path)
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--device", default="auto")
+    pr.set_defaults(func=_cmd_predict)
+
+    ex = sub.add_parser("export", help="export a checkpoint to ONNX (checked with onnxruntime)", epilog=EPILOG_EXPORT,
+                        formatter_class=fmt)
+    ex.add_argument("checkpoint", type=Path)
+    ex.add_argument("--format", default="onnx", choices=["onnx"])
+    ex.add_argument("--out", default=None)
+    ex.add_argument("--input", default="256x512", help="input size HxW of the exported graph")
+    ex.add_argument("--opset", type=int, default=17)
+    ex.set_defaults(func=_cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasterkd", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"fasterkd {__import__('fasterkd').__version__}")
@@ -151,9 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     lat.add_argument("--stem-head-widths", default="1:1,8/12:8/12", help="stem:head width of each architecture")
     lat.set_defaults(func=_cmd_latency_table)
 
-    from fasterkd.train import add_train_commands
-
-    add_train_commands(sub)
+    _add_train_commands(sub)
 
     from fasterkd.book import add_book_command
 

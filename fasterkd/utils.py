@@ -16,6 +16,7 @@ import errno as _errno
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import re
@@ -69,6 +70,28 @@ def parse_size(text: str | tuple[int, int] | list[int], name: str = "size") -> t
     if h <= 0 or w <= 0:
         raise ValueError(f"{name} must be positive, got {h}x{w}")
     return h, w
+
+
+def jsonable(obj: Any) -> Any:
+    """``obj`` with tuples as lists and paths as strings, as ``json`` writes and reads it back."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def strict_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf floats as ``None`` (null), so the file is valid strict JSON (empty classes)."""
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict_json(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 # --------------------------------------------------------------------------------------------

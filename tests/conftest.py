@@ -30,7 +30,8 @@ def smoke_book_result(tmp_path_factory):
     """Every notebook of notebooks/ run in the ``smoke`` profile through :func:`fasterkd.book.run_book`
     and the book built with ``-W``, once per test session, in a temporary folder (the repository's
     book/executed and _build are left alone). Returns the :class:`fasterkd.book.BookResult`."""
-    from fasterkd.book import run_book, stage_book
+    from fasterkd.book import run_book
+    from fasterkd.publish import stage_book
 
     assets_or_skip()
     base = tmp_path_factory.mktemp("smoke-book")

@@ -12,7 +12,8 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from fasterkd import book
-from fasterkd.book import NotebookFailed, filter_toc, run_book
+from fasterkd.book import NotebookFailed, run_book
+from fasterkd.publish import filter_toc, toc_files
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -282,7 +283,7 @@ def test_tiny_book_builds_and_a_warning_fails_the_build(tiny):
 
 def test_repository_toc_lists_every_notebook_in_order():
     """book/_toc.yml names the executed copy of each notebook in notebooks/, in the runner's order."""
-    chapters = [Path(f).name for f in book.toc_files(ROOT / "book") if f.startswith("executed/")]
+    chapters = [Path(f).name for f in toc_files(ROOT / "book") if f.startswith("executed/")]
     assert chapters == sorted(chapters)
     existing = [p.stem for p in book.list_notebooks(ROOT / "notebooks")]
     assert set(existing) <= set(chapters), f"notebooks missing from book/_toc.yml: {set(existing) - set(chapters)}"

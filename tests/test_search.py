@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fasterkd.models.arch import ArchSpec
-from fasterkd.search import STUDENT_SPACE, SupernetView, supernet_kwargs
+from fasterkd.engine.checkpoint import STUDENT_SPACE, supernet_kwargs
+from fasterkd.engine.search import SupernetView
 from fasterkd.train import load_checkpoint, preset, run_stage
 
 

@@ -232,13 +232,13 @@ def test_mixed_precision_only_on_cuda():
 def test_a_recipe_sees_only_its_own_scenes_of_a_grown_synthetic_cache(tmp_path, monkeypatch):
     """The cache of one size/seed is shared; a recipe reads its first synthetic_train/val scenes only."""
     from fasterkd.data.synthetic import ensure_synthetic
-    from fasterkd.train import build_train_set, build_val_loader, resolve_data_root
+    from fasterkd.data.loaders import build_train_set, build_val_loader, resolve_data_root
 
     monkeypatch.setenv("FASTERKD_CACHE", str(tmp_path / "cache"))
     cfg = preset("baseline", "smoke", out_dir=str(tmp_path / "run"), device="cpu")
     root = resolve_data_root(cfg.data)
     ensure_synthetic(root, {"train": 9, "val": 5}, size=tuple(cfg.data.synthetic_size), seed=cfg.data.synthetic_seed)
-    train = build_train_set(cfg, root)
+    train = build_train_set(cfg)
     assert len(train) == cfg.data.synthetic_train == 4
     assert [train.base[i]["name"] for i in range(4)] == [f"synth_{cfg.data.synthetic_seed}_{i:06d}" for i in range(4)]
-    assert len(build_val_loader(cfg, root).dataset) == cfg.data.synthetic_val
+    assert len(build_val_loader(cfg).dataset) == cfg.data.synthetic_val

@@ -61,7 +61,7 @@ from fasterkd.models.ops import OP_CLASS_NAMES, make_op, scaled_channels
 
 if TYPE_CHECKING:
     from fasterkd.models.arch import ArchSpec
-    from fasterkd.models.supernet import Supernet
+    from fasterkd.models.supernet import Supernet, Width
 
 TABLE_FORMAT = "fasterkd-latency-table"
 TABLE_VERSION = 1
@@ -264,8 +264,6 @@ def supernet_latency(
     accumulated as "latency to reach a node" and the three final nodes are summed (spec §5.2).
     See the module docstring for the quirks fixed unless ``official_quirks``.
     """
-    from fasterkd.models.supernet import Width
-
     cfg = net.cfg
     arch = net._check_arch(arch)
     h, w = _check_size(input_size)

@@ -324,23 +324,7 @@ class Supernet(nn.Module):
             preds = {k: F.interpolate(v, size=x.shape[-2:], mode="bilinear", align_corners=True) for k, v in preds.items()}
         return preds
 
-    # -- latency and derivation (implemented in latency.py / arch_search.py) --------------------
-
-    def latency(self, arch: int, lut: dict[str, float], *, alpha: str = "soft", beta: str = "soft",
-                widths: str = "max", input_size: tuple[int, int] = (1024, 2048),
-                official_quirks: bool = False) -> Tensor:
-        """Differentiable LUT latency (ms) of stem + cells (spec §5.2); see :func:`latency.supernet_latency`."""
-        from fasterkd.models.latency import supernet_latency
-
-        return supernet_latency(self, arch, lut, alpha=alpha, beta=beta, widths=widths,
-                                input_size=input_size, official_quirks=official_quirks)
-
-    def decoupled_latency(self, arch: int, lut: dict[str, float], *, input_size: tuple[int, int] = (1024, 2048),
-                          official_quirks: bool = False) -> Tensor:
-        """The fine-grained latency regulariser of ``architect.py`` (spec §5.2); see latency.py."""
-        from fasterkd.models.latency import decoupled_latency
-
-        return decoupled_latency(self, arch, lut, input_size=input_size, official_quirks=official_quirks)
+    # -- derivation (implemented in arch_search.py; the LUT latency of a supernet: models/latency.py) ----
 
     def derive(self, arch: int, lasts: Sequence[int] = (2, 1), ignore_skip: bool | None = None) -> "ArchSpec":
         """The discrete architecture of ``arch`` for the final rates ``lasts`` (spec §7)."""

@@ -27,7 +27,6 @@ The supernet holds one architecture (the student, ``arch_ratio`` widths): the te
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from pathlib import Path
@@ -37,52 +36,45 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from fasterkd.models.outputs import SegOutput
-from fasterkd.train import (
-    CHECKPOINT_FORMAT,
+from fasterkd.config import TrainConfig
+from fasterkd.data.loaders import build_train_set, build_val_loader, epoch_loader
+from fasterkd.distributed import (
     DistInfo,
-    MetricsLog,
-    NonFiniteLossError,
-    StageResult,
-    TrainConfig,
-    _barrier,
-    _progress,
-    _read_checkpoint,
-    _resolve_device,
-    autocast_dtype,
-    build_train_set,
-    build_val_loader,
-    check_resume_config,
+    average_gradients,
+    barrier,
+    broadcast_buffers,
     ddp_max_weight_diff,
-    epoch_loader,
     init_distributed,
-    load_teacher,
-    model_identity,
-    resolve_data_root,
-    rng_state,
-    run_evaluation,
-    set_rng_state,
+    mean_over_ranks,
+    resolve_device,
+    shutdown,
 )
+from fasterkd.engine.checkpoint import (
+    check_resume_config,
+    checkpoint_header,
+    model_identity,
+    load_teacher,
+    read_checkpoint,
+    rng_state,
+    save_epoch,
+    set_rng_state,
+    supernet_kwargs,
+)
+from fasterkd.engine.objective import check_finite
+from fasterkd.engine.trainer import (
+    MetricsLog,
+    StageResult,
+    autocast_dtype,
+    progress_bar,
+    run_evaluation,
+    start_run_folder,
+)
+from fasterkd.models.latency import decoupled_latency
+from fasterkd.models.outputs import SegOutput
 from fasterkd.utils import atomic_write_json, seed_everything
 
 ARCH = 0  # the single (student) architecture of the search supernet
 EVAL_HEAD = "8s_32s"  # FasterSeg validates the "8s_32s" and "16s_32s" heads (spec §6.4)
-
-# the student search space of FasterSeg (spec §4): widths 8/12 at the stem and head, Gumbel widths
-STUDENT_SPACE: dict[str, Any] = {"stem_head_widths": ((8 / 12, 8 / 12),), "prun_modes": ("arch_ratio",)}
-
-
-def supernet_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    """SupernetConfig fields: the one-arch student space updated with ``cfg.search.supernet``."""
-    kw = dict(STUDENT_SPACE)
-    kw.update(cfg.search.supernet)
-    for k in ("width_mult_list",):
-        if k in kw:
-            kw[k] = tuple(kw[k])
-    for k in ("stem_head_widths",):
-        kw[k] = tuple(tuple(v) for v in kw[k])
-    kw["prun_modes"] = tuple(kw["prun_modes"])
-    return kw
 
 
 class SupernetView(nn.Module):
@@ -145,32 +137,6 @@ def dist_term(preds: dict[str, Tensor], teacher_logits: Tensor, label: Tensor, c
                           reduction=cfg.loss.kd_reduction, target=label) for p in preds.values())
 
 
-def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
-    """Average the gradients of ``params`` over the ranks (one flat all-reduce; no-op on one rank).
-
-    A parameter without a gradient on some rank (a width or op not sampled there) gets a zero one
-    wherever another rank has one, so every rank's optimiser steps the same parameters.
-    """
-    if not info.enabled or not params:
-        return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32)
-    dist.all_reduce(has, op=dist.ReduceOp.MAX)
-    used = [p for p, h in zip(params, has.tolist()) if h]
-    for p in used:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    if not used:
-        return
-    flat = torch.cat([p.grad.reshape(-1) for p in used])
-    dist.all_reduce(flat)
-    flat /= info.world
-    offset = 0
-    for p in used:
-        n = p.grad.numel()
-        p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
-        offset += n
-
-
 def softmaxes(net: nn.Module) -> dict[str, list[list[float]]]:
     """alpha / beta / gamma (ratio) softmaxes of the student arch, for the history plots."""
     return {name: torch.softmax(t.float(), -1).tolist() for name, t in net.arch_tensors(ARCH).items()}
@@ -186,7 +152,7 @@ class Searcher:
         if cfg.model.name != "supernet":
             raise ValueError(f"the search stage trains the supernet, got model {cfg.model.name!r}")
         self.cfg = cfg
-        self.device = _resolve_device(cfg)
+        self.device = resolve_device(cfg.device)
         self.info: DistInfo = init_distributed(self.device)
         self.out = Path(cfg.out_dir)
 
@@ -215,12 +181,8 @@ class Searcher:
     # -- checkpoint --------------------------------------------------------------------------
 
     def _state(self, epoch: int, step: int, rows: list[dict]) -> dict[str, Any]:
-        import fasterkd
-
         return {
-            "format": CHECKPOINT_FORMAT, "fasterkd_version": fasterkd.__version__, "torch_version": str(torch.__version__),
-            "stage": "search", "config": self.cfg.to_dict(), "identity": self.identity,
-            "model": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+            **checkpoint_header(self.cfg, self.identity, self.net),
             "optimizer": self.w_opt.state_dict(), "arch_optimizer": self.a_opt.state_dict(),
             "scheduler": self.sched.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
             "latency_weight": self.latency_weight, "fps_range": self.fps_range, "history": self.history,
@@ -229,7 +191,7 @@ class Searcher:
 
     def _resume(self, resume) -> tuple[int, int, list[dict]]:
         path = self.out / "last.pt" if resume is True else Path(resume)
-        ckpt = _read_checkpoint(path)
+        ckpt = read_checkpoint(path)
         check_resume_config(ckpt["config"], self.cfg, str(path))
         self.net.load_state_dict(ckpt["model"])
         self.w_opt.load_state_dict(ckpt["optimizer"])
@@ -246,8 +208,7 @@ class Searcher:
     def fit(self, resume=False) -> StageResult:
         cfg, info = self.cfg, self.info
         try:
-            root = resolve_data_root(cfg.data, info)
-            full = build_train_set(cfg, root)
+            full = build_train_set(cfg, info)
             # the two halves (spec §6.1): a fixed shuffle of the indices, first half for the weights
             order = torch.randperm(len(full.base), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
             cut = int(len(order) * cfg.search.split_fraction)
@@ -256,14 +217,12 @@ class Searcher:
             half_w, half_a = copy.copy(full), copy.copy(full)
             half_w.base = torch.utils.data.Subset(full.base, order[:cut])
             half_a.base = torch.utils.data.Subset(full.base, order[cut:])
-            val_loader = build_val_loader(cfg, root)
+            val_loader = build_val_loader(cfg, info)
             self._build()
             start, step, rows = 0, 0, []
             if resume:
                 start, step, rows = self._resume(resume)
-            if info.main:
-                self.out.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(self.out / "config.json", cfg.to_dict())
+            start_run_folder(self.out, cfg, info)
             self.lut = load_latency_table(cfg, self.out, self.device, info.main)
             log = MetricsLog(self.out, info.main, cfg.tensorboard, rows)
             pre = cfg.search.pretrain_epochs
@@ -284,13 +243,10 @@ class Searcher:
                     row["ddp_max_weight_diff"] = ddp_max_weight_diff(self.net, info)
                 log.add(row)
                 if info.main:
-                    atomic_torch_save_state = self._state(epoch + 1, step, log.rows)
-                    from fasterkd.utils import atomic_torch_save
-
-                    atomic_torch_save(atomic_torch_save_state, last)
-                    if not best_path.exists() or row.get("val_miou", -1) >= max(r.get("val_miou", -1) for r in log.rows):
-                        atomic_torch_save(atomic_torch_save_state, best_path)
-                _barrier(info)
+                    improved = not best_path.exists() or row.get("val_miou", -1) >= max(r.get("val_miou", -1)
+                                                                                         for r in log.rows)
+                    save_epoch(self._state(epoch + 1, step, log.rows), last, best_path, improved)
+                barrier(info)
             log.close()
             final = {k: v for k, v in (self.history[-1] if self.history else {}).items()
                      if k in ("epoch", "lasts", "latency_ms", "fps", "objective", "val_miou")}
@@ -298,8 +254,7 @@ class Searcher:
                 atomic_write_json(self.out / "eval.json", final)
             return StageResult(self.out, last, best_path, log.rows, final, arch=arch_path if arch_path.exists() else None)
         finally:
-            if info.started_here and dist.is_initialized():
-                dist.destroy_process_group()
+            shutdown(info)
 
     def _epoch(self, half_w, half_a, epoch: int, step: int, searching: bool, last: Path) -> tuple[dict, int]:
         cfg, dev, net = self.cfg, self.device, self.net
@@ -311,7 +266,7 @@ class Searcher:
         self.net.train()
         sums: dict[str, float] = {}
         t0, images = time.perf_counter(), 0
-        bar = _progress(n, f"{'search' if searching else 'pretrain'} {epoch + 1}", cfg.progress, self.info.main)
+        bar = progress_bar(n, f"{'search' if searching else 'pretrain'} {epoch + 1}", cfg.progress, self.info.main)
         it_a = iter(loader_a) if loader_a is not None else None
         lr = self.w_opt.param_groups[0]["lr"]
         ac = dict(device_type=dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -335,10 +290,10 @@ class Searcher:
                             t = self.teacher(xa).main
                         terms["dist"] = cfg.loss.kd_weight * dist_term(preds, t, ya, cfg)
                         arch_loss = arch_loss + terms["dist"]
-                lat = net.decoupled_latency(ARCH, self.lut, input_size=tuple(cfg.search.latency_input))
+                lat = decoupled_latency(net, ARCH, self.lut, input_size=tuple(cfg.search.latency_input))
                 terms["arch_seg"], terms["latency_ms"] = seg, lat
                 arch_total = arch_loss + self.latency_weight * lat
-                self._check(arch_total, terms, step, epoch, i, last)
+                check_finite(arch_total, terms, step=step, epoch=epoch, batch=i, last=last, what="search loss")
                 arch_total.backward()
                 average_gradients(list(net.arch_parameters(ARCH)), self.info)
                 self.a_opt.step()
@@ -349,7 +304,7 @@ class Searcher:
             with torch.autocast(**ac):
                 loss = sum(seg_terms(self.net(x, ARCH, m), y, cfg) for m in modes)
             terms["seg"] = loss
-            self._check(loss, terms, step, epoch, i, last)
+            check_finite(loss, terms, step=step, epoch=epoch, batch=i, last=last, what="search loss")
             loss.backward()
             average_gradients(list(net.weight_parameters()), self.info)
             if cfg.optim.grad_clip:
@@ -364,27 +319,14 @@ class Searcher:
                 bar.update(1)
         if bar is not None:
             bar.close()
-        if self.info.enabled:  # every rank validates and derives with rank 0's BN statistics
-            for b in net.buffers():
-                dist.broadcast(b, src=0)
+        broadcast_buffers(net, self.info)  # every rank validates and derives with rank 0's BN statistics
         dt = time.perf_counter() - t0
-        means = {k: v / max(1, n) for k, v in sums.items()}
-        if self.info.enabled:  # the epoch's mean terms over all ranks
-            t = torch.tensor([means[k] for k in sorted(means)], dtype=torch.float64)
-            dist.all_reduce(t)
-            means = {k: float(v) / self.info.world for k, v in zip(sorted(means), t)}
+        means = mean_over_ranks({k: v / max(1, n) for k, v in sums.items()}, self.info)  # the epoch's mean terms
         row = {"epoch": epoch + 1, "phase": "search" if searching else "pretrain", "lr": lr,
                **means, "images_per_s": images / dt, "epoch_s": dt}
         if searching:
             row["latency_weight"] = self.latency_weight
         return row, step
-
-    def _check(self, loss: Tensor, terms: dict[str, Tensor], step: int, epoch: int, i: int, last: Path) -> None:
-        if not math.isfinite(float(loss.detach())):
-            vals = {k: float(v.detach()) for k, v in terms.items()}
-            good = str(last) if last.exists() else "none yet"
-            raise NonFiniteLossError(f"non-finite search loss at step {step} (epoch {epoch + 1}, batch {i}); "
-                                     f"terms {vals}; last good checkpoint: {good}")
 
     def _after_epoch(self, epoch: int, searching: bool, val_loader) -> dict[str, Any]:
         """Validate, derive the candidates, adapt lambda1 (spec §5.3), write the arch files."""
@@ -436,4 +378,4 @@ def run_search(cfg: TrainConfig, resume: bool | str | os.PathLike = False) -> St
     return Searcher(cfg).fit(resume)
 
 
-__all__ = ["run_search", "Searcher", "SupernetView", "supernet_kwargs", "load_latency_table", "STUDENT_SPACE"]
+__all__ = ["run_search", "Searcher", "SupernetView", "load_latency_table", "seg_terms", "dist_term", "softmaxes"]

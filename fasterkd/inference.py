@@ -1,0 +1,136 @@
+"""A trained checkpoint at work: its model as image -> prediction, the evaluation of a checkpoint on a
+split, colour-coded predictions of image files, and the ONNX export (checked with onnxruntime).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fasterkd.config import TrainConfig
+from fasterkd.data.loaders import open_split
+from fasterkd.engine.checkpoint import load_checkpoint
+from fasterkd.engine.search import SupernetView
+from fasterkd.engine.trainer import run_evaluation
+from fasterkd.utils import atomic_path, pick_device, strict_json
+
+
+def inference_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
+    """A checkpoint's model as image -> SegOutput: a search's supernet is seen through its validated
+    head at the widest widths (:class:`fasterkd.engine.search.SupernetView`)."""
+    if cfg.model.name == "supernet":
+        return SupernetView(model).eval()
+    return model
+
+
+def evaluate_checkpoint(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
+                        data_root: str | None = None, split: str | None = None,
+                        max_images: int | None = None) -> dict[str, Any]:
+    """mIoU, per-class IoU (null for a class absent from the split) and pixel accuracy of a checkpoint
+    at full resolution on ``split`` (default: its validation split) of its data (or ``data_root``)."""
+    from fasterkd.data.transforms import EvalTransform
+
+    device = pick_device(device)
+    model, cfg = load_checkpoint(checkpoint, device)
+    if data_root is not None:
+        cfg.data.root = data_root
+    ds = open_split(cfg.data, split or cfg.data.val_split, EvalTransform(), max_images=max_images)
+    result = run_evaluation(inference_model(model, cfg), torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False),
+                            device)
+    result["checkpoint"] = str(checkpoint)
+    return strict_json(result)
+
+
+def read_image(path: Path) -> Tensor:
+    """An image file as a uint8 RGB tensor (3, H, W)."""
+    from PIL import Image
+
+    if not path.is_file():
+        raise FileNotFoundError(f"image {str(path)!r} not found")
+    with Image.open(path) as im:
+        rgb = np.asarray(im.convert("RGB"))
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1)
+
+
+def predict_images(model: nn.Module, paths: list[Path], out: Path, device: torch.device, alpha: float = 0.5) -> list[Path]:
+    """Write ``<stem>_pred.png`` (colour-coded train ids) and ``<stem>_overlay.png`` per image."""
+    from PIL import Image
+
+    from fasterkd.data.cityscapes import colorize
+    from fasterkd.data.transforms import normalize
+
+    written = []
+    model.eval()
+    for path in paths:
+        rgb = read_image(Path(path))
+        x = normalize(rgb.float().div(255.0)).unsqueeze(0).to(device)
+        with torch.no_grad():
+            logits = model(x).main
+        logits = F.interpolate(logits.float(), size=rgb.shape[-2:], mode="bilinear", align_corners=False)
+        pred = logits.argmax(1)[0].cpu()
+        colour = np.asarray(colorize(pred.numpy()), dtype=np.uint8)
+        overlay = (alpha * colour + (1 - alpha) * rgb.permute(1, 2, 0).numpy()).astype(np.uint8)
+        for suffix, arr in (("pred", colour), ("overlay", overlay)):
+            target = out / f"{Path(path).stem}_{suffix}.png"
+            with atomic_path(target) as tmp:
+                Image.fromarray(arr).save(tmp, format="PNG")
+            written.append(target)
+    return written
+
+
+def predict_checkpoint(checkpoint: str | os.PathLike, images: list[Path], out: Path,
+                       device: str | torch.device = "auto") -> list[Path]:
+    """:func:`predict_images` with the model of a checkpoint."""
+    device = pick_device(device)
+    model, cfg = load_checkpoint(checkpoint, device)
+    return predict_images(inference_model(model, cfg), [Path(p) for p in images], Path(out), device)
+
+
+class _MainLogits(nn.Module):
+    """Export wrapper: image -> main logits (ONNX graphs return tensors, not dataclasses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: Tensor) -> Tensor:
+        return self.model(image).main
+
+
+def export_onnx(model: nn.Module, out: Path, input_size: tuple[int, int], opset: int = 17,
+                check: bool = True) -> dict[str, Any]:
+    """Export the eval-mode model to ONNX and compare with onnxruntime on a random input."""
+    wrapper = _MainLogits(model.eval().cpu()).eval()
+    x = torch.randn(1, 3, *input_size, generator=torch.Generator().manual_seed(0))
+    with atomic_path(out) as tmp, warnings.catch_warnings():
+        # the tracer's notes on shape checks: the graph is fixed to input_size, as the check below uses
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(wrapper, (x,), str(tmp), input_names=["image"], output_names=["logits"],
+                          opset_version=opset, dynamo=False)
+    info: dict[str, Any] = {"path": str(out), "input": list(input_size)}
+    if check:
+        import onnxruntime as ort
+
+        sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"image": x.numpy()})[0]
+        with torch.no_grad():
+            ref = wrapper(x).numpy()
+        info["max_abs_diff"] = float(np.abs(got - ref).max())
+        info["output_shape"] = list(got.shape)
+    return info
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: Path | None, input_size: tuple[int, int],
+                      opset: int = 17) -> tuple[Path, dict[str, Any]]:
+    """:func:`export_onnx` of a checkpoint's model (default ``out``: the checkpoint's path as ``.onnx``)."""
+    model, cfg = load_checkpoint(checkpoint, "cpu")
+    out = Path(out) if out else Path(checkpoint).with_suffix(".onnx")
+    return out, export_onnx(inference_model(model, cfg), out, input_size, opset=opset)
