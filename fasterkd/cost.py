@@ -20,12 +20,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fasterkd.utils import parse_size, pick_device
+
+if TYPE_CHECKING:
+    from fasterkd.models.arch import ArchSpec
 
 _COUNTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
 
@@ -171,3 +175,33 @@ def measure_latency(model: nn.Module, size: tuple[int, int] | str, device: str |
         "device": str(dev),
         "input": [batch, 3, h, w],
     }
+
+
+def tutor_design_table(arch: "ArchSpec | None" = None, size: tuple[int, int] = (1024, 2048),
+                       param_tol: float = 0.05e6, macs_tol: float = 3e9) -> list[dict[str, Any]]:
+    """Parameters used at inference and conv MACs at ``size`` of each reading in :data:`TUTOR_DESIGNS`.
+
+    Built on the meta device (nothing allocated). ``arch`` None: the official student. Each row:
+    ``design``, ``options``, ``params``, ``macs``, ``quarter_params`` / ``quarter_macs`` (on top of
+    the student), ``fits_table_1`` (within ``param_tol`` of 3.9 M and ``macs_tol`` of 100 G) and
+    ``text`` (what the paper's text says about the design).
+    """
+    from fasterkd.models import official_arch
+    from fasterkd.models.student import FasterSegStudent, StudentConfig
+    from fasterkd.models.tutor import TABLE_1_TUTOR, TUTOR_DESIGNS, Tutor, TutorConfig
+
+    arch = arch or official_arch()
+    with torch.device("meta"):
+        student = FasterSegStudent(StudentConfig(arch=arch))
+        s_params, s_macs = inference_parameters(student, size), count_macs(student, size)
+        rows = []
+        for name, options, text in TUTOR_DESIGNS:
+            model = Tutor(replace(TutorConfig(arch=arch), **options))
+            params, macs = inference_parameters(model, size), count_macs(model, size)
+            rows.append({
+                "design": name, "options": dict(options), "params": params, "macs": macs,
+                "quarter_params": params - s_params, "quarter_macs": macs - s_macs,
+                "fits_table_1": abs(params - TABLE_1_TUTOR[0]) <= param_tol and abs(macs - TABLE_1_TUTOR[1]) <= macs_tol,
+                "text": text,
+            })
+    return rows

@@ -9,7 +9,8 @@ from torch import nn
 from fasterkd.cost import count_macs, inference_parameters
 from fasterkd.models import build_model, official_arch
 from fasterkd.models.student import FasterSegStudent
-from fasterkd.models.tutor import Tutor, TutorConfig, tutor_design_table
+from fasterkd.cost import tutor_design_table
+from fasterkd.models.tutor import Tutor, TutorConfig
 
 torch.set_num_threads(1)
 

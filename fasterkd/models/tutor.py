@@ -31,7 +31,7 @@ other readings (uniform 128-wide path with a 1x1 refine: 3.96 M / 112.3 G, the e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -189,35 +189,4 @@ TUTOR_DESIGNS: tuple[tuple[str, dict[str, Any], str], ...] = (
 )
 
 
-def tutor_design_table(arch: ArchSpec | None = None, size: tuple[int, int] = (1024, 2048),
-                       param_tol: float = 0.05e6, macs_tol: float = 3e9) -> list[dict[str, Any]]:
-    """Parameters used at inference and conv MACs at ``size`` of each reading in :data:`TUTOR_DESIGNS`.
-
-    Built on the meta device (nothing allocated). ``arch`` None: the official student. Each row:
-    ``design``, ``options``, ``params``, ``macs``, ``quarter_params`` / ``quarter_macs`` (on top of
-    the student), ``fits_table_1`` (within ``param_tol`` of 3.9 M and ``macs_tol`` of 100 G) and
-    ``text`` (what the paper's text says about the design).
-    """
-    import torch
-
-    from fasterkd.cost import count_macs, inference_parameters
-    from fasterkd.models import official_arch
-
-    arch = arch or official_arch()
-    with torch.device("meta"):
-        student = FasterSegStudent(StudentConfig(arch=arch))
-        s_params, s_macs = inference_parameters(student, size), count_macs(student, size)
-        rows = []
-        for name, options, text in TUTOR_DESIGNS:
-            model = Tutor(replace(TutorConfig(arch=arch), **options))
-            params, macs = inference_parameters(model, size), count_macs(model, size)
-            rows.append({
-                "design": name, "options": dict(options), "params": params, "macs": macs,
-                "quarter_params": params - s_params, "quarter_macs": macs - s_macs,
-                "fits_table_1": abs(params - TABLE_1_TUTOR[0]) <= param_tol and abs(macs - TABLE_1_TUTOR[1]) <= macs_tol,
-                "text": text,
-            })
-    return rows
-
-
-__all__ = ["TutorConfig", "Tutor", "build_tutor", "tutor_design_table", "TUTOR_DESIGNS", "HEAD_RESOLUTIONS"]
+__all__ = ["TutorConfig", "Tutor", "build_tutor", "TUTOR_DESIGNS", "HEAD_RESOLUTIONS"]
