@@ -186,6 +186,7 @@ def head_cost(head: str, C: int, N: int, H: int, W: int) -> dict[str, int]:
 
     ``conv_params``: convolution weights only (the quantity §5 counts); ``params_inference``:
     every parameter an eval forward uses (adds the classifier bias and the BatchNorms);
+    ``params``: every parameter of the module (adds FFM's attention, which never runs);
     ``macs``: :func:`count_macs`.
     """
     from fasterkd.models.heads import make_predictor
@@ -195,7 +196,7 @@ def head_cost(head: str, C: int, N: int, H: int, W: int) -> dict[str, int]:
     wrapped = _HeadOnly(module, C, (8 * H, 8 * W))
     conv = sum(m.weight.numel() for m in _ran_convs(wrapped, (H, W)))
     return {"conv_params": int(conv), "params_inference": inference_parameters(wrapped, (H, W)),
-            "macs": count_macs(wrapped, (H, W))}
+            "params": count_parameters(module), "macs": count_macs(wrapped, (H, W))}
 
 
 class _HeadOnly(nn.Module):
