@@ -165,9 +165,9 @@ class Chapter:
         """The profile line, the student arch and the upstream runs read, relative to the run folder."""
         text = profile_line(self.profile, self.data_root, self.device)
         read = [self.relative(artifact(self.run_dir, n)) for n in self.needed]
-        if self.needed:  # a chapter that builds on the pipeline says which student it trained
+        if self.needed:  # a chapter that builds on the pipeline names the student it uses
             arch = self.up["arch"]
-            text += f" Student arch: {'`' + self.relative(arch) + '`' if arch else 'the official FasterSeg student'}."
+            text += f" Student arch: {f'`{self.relative(arch)}`' if arch else 'the official FasterSeg student'}."
         if read:
             text += " Reads " + ", ".join(f"`{r}`" for r in read) + " of the run folder."
         return text
