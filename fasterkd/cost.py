@@ -12,6 +12,9 @@ function here says which one it returns (DESIGN.md, *Counting*):
 - :func:`inference_parameters`: parameters of the modules that take part in an eval forward;
   auxiliary heads (not run in eval) and FFM's attention (never run in FasterSeg) are left out.
 
+:func:`head_cost_sweep` puts the paper's §5 formulas for the two prediction modules (bilinear x8
+and pixel shuffle) beside these counts over a grid of C (channels into the FFM) and N (classes).
+
 Counting runs on whatever device the model lives on; build large models under
 ``torch.device("meta")`` and nothing is allocated or computed.
 """
@@ -21,10 +24,10 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from fasterkd.utils import parse_size, pick_device
 
@@ -204,4 +207,63 @@ def tutor_design_table(arch: "ArchSpec | None" = None, size: tuple[int, int] = (
                 "fits_table_1": abs(params - TABLE_1_TUTOR[0]) <= param_tol and abs(macs - TABLE_1_TUTOR[1]) <= macs_tol,
                 "text": text,
             })
+
+
+# --------------------------------------------------------------------------------------------
+# §5: the prediction modules' cost, formula vs counted
+# --------------------------------------------------------------------------------------------
+
+
+def head_cost(head: str, C: int, N: int, H: int, W: int) -> dict[str, int]:
+    """Counted cost of one prediction module (meta device) for a C x H x W input, output 8H x 8W.
+
+    ``conv_params``: convolution weights only (the quantity §5 counts); ``params_inference``:
+    every parameter an eval forward uses (adds the classifier bias and the BatchNorms);
+    ``params``: every parameter of the module (adds FFM's attention, which never runs);
+    ``macs``: :func:`count_macs`.
+    """
+    from fasterkd.models.heads import make_predictor
+
+    with torch.device("meta"):
+        module = make_predictor(head, C, N)
+    wrapped = _HeadOnly(module, C, (8 * H, 8 * W))
+    conv = sum(m.weight.numel() for m in _ran_convs(wrapped, (H, W)))
+    return {"conv_params": int(conv), "params_inference": inference_parameters(wrapped, (H, W)),
+            "params": count_parameters(module), "macs": count_macs(wrapped, (H, W))}
+
+
+class _HeadOnly(nn.Module):
+    """Feeds a (1, C, H, W) tensor to a prediction module: cost.* build a 3-channel dummy input."""
+
+    def __init__(self, module: nn.Module, channels: int, out_size: tuple[int, int]) -> None:
+        super().__init__()
+        self.module, self.channels, self.out_size = module, channels, out_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = x.new_zeros(x.shape[0], self.channels, *x.shape[-2:])
+        return self.module(z, self.out_size)[0]
+
+
+def _ran_convs(model: nn.Module, size: tuple[int, int]) -> list[nn.Conv2d]:
+    ran: list[nn.Conv2d] = []
+    _EvalForward(model, size).run(lambda m, i, o: ran.append(m) if isinstance(m, nn.Conv2d) else None)
+    return ran
+
+
+def head_cost_sweep(channels: Sequence[int], classes: Sequence[int], H: int = 128, W: int = 256) -> list[dict[str, Any]]:
+    """One row per (head, C, N): the §5 formula (params, MACs) and the counted module.
+
+    The student's FFM sees C = 128 channels at H x W = 128 x 256 for a 1024x2048 input.
+    """
+    from fasterkd.paper import bilinear_head_formula, pixel_shuffle_head_formula
+
+    formulas = {"bilinear": bilinear_head_formula, "pixel_shuffle": pixel_shuffle_head_formula}
+    rows = []
+    for C in channels:
+        for N in classes:
+            for head, formula in formulas.items():
+                fp, fm = formula(C, N, H, W)
+                counted = head_cost(head, C, N, H, W)
+                rows.append({"head": head, "C": int(C), "N": int(N), "params_formula": fp, "macs_formula": fm,
+                             **counted})
     return rows

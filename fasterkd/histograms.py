@@ -36,14 +36,9 @@ from torch import Tensor
 
 from fasterkd.affinity import prepare_rows
 from fasterkd.losses import PATH_PAIRS, PathConvNorm
+from fasterkd.runs import RUNS, artifact, chapter_of
 
-#: checkpoints of the book's run folder and the notebook that writes each
-CHECKPOINT_NOTEBOOKS: dict[str, str] = {
-    "tutor": "04_tutor",
-    "baseline": "03_teacher_baseline",
-    "student_c1": "05_student",
-    "student_convnorm": "05_student",
-}
+#: the student runs of the book's run folder whose affinities are compared with the tutor's
 STUDENT_RUNS = ("baseline", "student_c1", "student_convnorm")
 DEFAULT_BINS = (10, 25, 50, 100)
 DEFAULT_MAX_PIXELS = 1024
@@ -121,10 +116,11 @@ def load_run(run_dir: str | os.PathLike, students: Sequence[str] = STUDENT_RUNS,
              device: str | torch.device = "cpu") -> tuple[Source, dict[str, Source]]:
     """The tutor and the student runs of a book run folder (``<run_dir>/<name>/best.pt``)."""
     run_dir = Path(run_dir)
-    tutor = load_source(run_dir / "tutor" / "best.pt", "tutor", device, CHECKPOINT_NOTEBOOKS["tutor"])
+    tutor = load_source(artifact(run_dir, "tutor"), "tutor", device, chapter_of("tutor"))
     out = {}
     for name in students:
-        out[name] = load_source(run_dir / name / "best.pt", name, device, CHECKPOINT_NOTEBOOKS.get(name))
+        made_by = chapter_of(name) if name in RUNS else None
+        out[name] = load_source(run_dir / name / "best.pt", name, device, made_by)
     return tutor, out
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from fasterkd import paper
 from fasterkd.data.cityscapes import CLASS_NAMES, NUM_CLASSES
 from fasterkd.models.arch import PRIMITIVES
+from fasterkd.runs import RUNS, run_cost
 
 PathLike = str | os.PathLike
 
@@ -155,25 +156,8 @@ def plot_per_class_iou(evals: Mapping[str, Mapping[str, Any]]):
     return fig
 
 
-def _cost(run: Path, size: tuple[int, int]) -> dict[str, Any]:
-    """Parameters (inference) and MACs of the run's network at ``size``, counted on the meta device."""
-    import torch
-
-    from fasterkd.cost import model_cost
-    from fasterkd.train import TrainConfig, build_network
-
-    cfg = TrainConfig.from_dict(json.loads((run / "config.json").read_text()))
-    arch = json.loads(Path(cfg.model.arch).read_text()) if cfg.model.arch else None
-    with torch.device("meta"):
-        model = build_network(cfg, arch)
-    if hasattr(model, "inference"):
-        model = model.inference()
-    return model_cost(model, size)
-
-
-TABLE1_RUNS = (("baseline", "Baseline student net", "baseline"),
-               ("tutor", "Tutor net w. 1/4-path", "tutor"),
-               ("student", "Student net (w. virtual 1/4-path)", "student_c1"))
+#: (paper key, Table 1 row name, run folder) of the runs Table 1 reproduces, from :data:`fasterkd.runs.RUNS`
+TABLE1_RUNS = tuple((r.table1, paper.TABLE1[r.table1].name, r.name) for r in RUNS.values() if r.table1)
 
 
 def table1(run_dir: PathLike, size: tuple[int, int] = (1024, 2048), paper_size: str = "256x512",
@@ -188,7 +172,7 @@ def table1(run_dir: PathLike, size: tuple[int, int] = (1024, 2048), paper_size: 
         ev = read_eval(run)
         row: dict[str, Any] = {"network": name, "source": f"ours ({sub})", "mIoU (%)": 100 * float(ev["miou"])}
         if cost:
-            c = _cost(run, size)
+            c = run_cost(run, size)
             row["params (M)"] = c["params_inference"] / 1e6
             row["GMACs"] = c["macs"] / 1e9
         rows.append(row)
@@ -296,23 +280,8 @@ def search_table(history: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
              "lambda1 next": h.get("latency_weight_next")} for h in history]
 
 
-def profile_line(profile: str, data_root: str, device: Any) -> str:
-    """The sentence every chapter states: which profile, data and device produced its numbers."""
-    import platform
-
-    import torch
-
-    data = f"Cityscapes at `{data_root}`" if data_root else "the embedded synthetic street scenes (not Cityscapes)"
-    dev = str(device)
-    if dev.startswith("cuda") and torch.cuda.is_available():
-        dev += f" ({torch.cuda.get_device_name()})"
-    elif dev == "cpu":
-        dev += f" ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return f"Profile **{profile}**, data: {data}, device: {dev}."
-
-
 __all__ = [
     "read_metrics", "read_eval", "series", "plot_curves", "markdown_table", "per_class_iou", "plot_per_class_iou",
     "TABLE1_RUNS", "table1", "gain", "read_history", "choice_names", "mean_softmax", "plot_arch_history", "max_departure",
-    "search_table", "profile_line",
+    "search_table",
 ]

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fasterkd import cost
-from fasterkd.cost import count_flops, count_macs, count_parameters, inference_parameters, measure_latency, model_cost
+from fasterkd.cost import (count_flops, count_macs, count_parameters, head_cost_sweep, inference_parameters,
+                           measure_latency, model_cost)
 
 H, W = 16, 24
 
@@ -122,3 +123,40 @@ def test_latency_arguments_are_checked():
         measure_latency(Tiny(), (H, W), device="cpu", repeats=0)
     with pytest.raises(ValueError, match="warmup must be >= 0"):
         measure_latency(Tiny(), (H, W), device="cpu", warmup=-1)
+
+
+# §5: the prediction modules, formula vs counted (moved here with head_cost_sweep)
+
+
+@pytest.mark.parametrize("C,N", [(128, 19), (64, 19), (256, 150)])
+def test_head_cost_matches_section5_formulas(C, N):
+    H, W = 16, 32
+    rows = {r["head"]: r for r in head_cost_sweep([C], [N], H, W)}
+    for head, r in rows.items():
+        # §5 counts convolution weights and their MACs: our modules match them exactly
+        assert r["conv_params"] == r["params_formula"], head
+        assert r["macs"] == r["macs_formula"], head
+    # what the formula leaves out: the classifier bias and the BatchNorms (2 per channel)
+    assert rows["bilinear"]["params_inference"] - rows["bilinear"]["conv_params"] == N + 2 * C + 2 * C
+    assert rows["pixel_shuffle"]["params_inference"] - rows["pixel_shuffle"]["conv_params"] == N + 2 * (C // 2) + 2 * (2 * C) + 2 * (C // 2)
+
+
+def test_pixel_shuffle_saves_macs_only_above_the_crossover():
+    from fasterkd.paper import ps_crossover_channels
+
+    N = 19
+    cross = ps_crossover_channels(N)  # 138
+    rows = head_cost_sweep([128, 160], [N], 8, 8)
+    macs = {(r["head"], r["C"]): r["macs"] for r in rows}
+    assert 128 < cross < 160
+    assert macs[("pixel_shuffle", 128)] > macs[("bilinear", 128)]
+    assert macs[("pixel_shuffle", 160)] < macs[("bilinear", 160)]
+
+
+def test_head_cost_counts_every_parameter_of_the_module():
+    # the official student's prediction modules (C = 128, N = 19): every parameter, including
+    # FFM's attention that never runs, as chapter 1's table counts them
+    rows = {r["head"]: r for r in head_cost_sweep([128], [19], 16, 32)}
+    assert rows["bilinear"]["params"] == 199_571 and rows["pixel_shuffle"]["params"] == 61_651
+    for r in rows.values():
+        assert r["params"] > r["params_inference"] > r["conv_params"]
