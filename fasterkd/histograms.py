@@ -96,7 +96,7 @@ def load_source(path: str | os.PathLike, name: str | None = None, device: str | 
 
     A missing file raises ``FileNotFoundError`` naming the notebook that writes it (``made_by``).
     """
-    from fasterkd.train import _read_checkpoint, load_checkpoint
+    from fasterkd.engine.checkpoint import load_checkpoint, read_checkpoint
     from fasterkd.utils import pick_device
 
     path = Path(path)
@@ -106,7 +106,7 @@ def load_source(path: str | os.PathLike, name: str | None = None, device: str | 
         raise FileNotFoundError(f"checkpoint {str(path)!r} ({name}) not found{hint}")
     dev = pick_device(device)
     model, _ = load_checkpoint(path, dev)
-    convnorm = convnorm_from_state(_read_checkpoint(path, "cpu").get("objective", {}))
+    convnorm = convnorm_from_state(read_checkpoint(path, "cpu").get("objective", {}))
     if convnorm is not None:
         convnorm = convnorm.to(dev)
     return Source(name=name, model=model, convnorm=convnorm, path=str(path))
