@@ -207,6 +207,7 @@ def tutor_design_table(arch: "ArchSpec | None" = None, size: tuple[int, int] = (
                 "fits_table_1": abs(params - TABLE_1_TUTOR[0]) <= param_tol and abs(macs - TABLE_1_TUTOR[1]) <= macs_tol,
                 "text": text,
             })
+    return rows
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,15 @@ def smoke_book_result(tmp_path_factory):
 def smoke_book(smoke_book_result) -> Path:
     """The ``_build/html`` folder of the smoke book (see :func:`smoke_book_result`)."""
     return smoke_book_result.html
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's many small CPU convolutions on one thread, then restore the count.
+
+    A bare ``torch.set_num_threads(1)`` at import time leaked into every later module, and the
+    smoke training in test_histograms then took a different numerical path."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

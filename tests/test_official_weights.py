@@ -29,7 +29,7 @@ from fasterkd.models.official import (
 )
 from fasterkd.models.student import FasterSegStudent, StudentConfig
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REF = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "fasterseg"
 TSV = REF / "official_student_state_dict.tsv"

@@ -21,7 +21,7 @@ from fasterkd.models.student import (
     cell_table,
 )
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # spec §8.4: (layer, branch, op, C_in, C_out, stride); branch 0 ends at 1/32, branch 1 at 1/16
 SPEC_84 = [

@@ -12,7 +12,7 @@ from fasterkd.models.student import FasterSegStudent
 from fasterkd.cost import tutor_design_table
 from fasterkd.models.tutor import Tutor, TutorConfig
 
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(module: nn.Module) -> int:
