@@ -78,9 +78,6 @@ from fasterkd.engine.trainer import MetricsLog, StageResult, Trainer, autocast_d
 from fasterkd.inference import export_onnx, inference_model, predict_images
 from fasterkd.utils import strict_json
 
-# the name the analysis modules used before the checkpoint reader became public
-_read_checkpoint = read_checkpoint
-
 
 def run_stage(cfg: TrainConfig, resume: bool | str | os.PathLike = False) -> StageResult:
     """Train one stage end to end (see the module docstring); returns a :class:`StageResult`.
