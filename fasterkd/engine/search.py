@@ -108,11 +108,15 @@ def load_latency_table(cfg: TrainConfig, out_dir: Path, device: torch.device, ma
     if src == "measure":
         path = out_dir / "latency_table.json"
         if not path.is_file() and main:
+            # timing builds and runs every op, which draws from the seeded generators: restore them,
+            # so a run that measures its table and one that finds it cached train identically
+            seeded = rng_state()
             kw = supernet_kwargs(cfg)
             latency.measure_latency_table(path, input_size=tuple(cfg.search.latency_input), device=device, repeats=3,
                                           fch=kw.get("fch", 12), width_mult_list=kw.get("width_mult_list", (4 / 12, 6 / 12, 8 / 12, 10 / 12, 1.0)),
                                           stem_head_widths=kw["stem_head_widths"], num_classes=cfg.model.num_classes,
                                           warmup=1)
+            set_rng_state(seeded)
         if dist.is_available() and dist.is_initialized():
             dist.barrier()
         return latency.load_lut(path)
