@@ -97,6 +97,10 @@ class ModelConfig:
     head_resolution: str = "1/4"
     init: str | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.quarter_widths, list):  # from JSON
+            self.quarter_widths = tuple(self.quarter_widths)
+
 
 @dataclass
 class GuideConfig:
@@ -127,6 +131,10 @@ class SearchConfig:
     pretrain_lr: float | None = None
     crop: tuple[int, int] | None = None  # the crop of the search epochs; None: data.crop (the pretrain's)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.crop, list):  # from JSON
+            self.crop = tuple(self.crop)
+
 
 @dataclass
 class TrainConfig:
@@ -153,7 +161,7 @@ class TrainConfig:
     tensorboard: bool = True
     ddp_sync_check: bool = False  # record the max weight difference between ranks each epoch
     max_steps_per_epoch: int | None = None
-    # What an epoch is. None: one pass over the (per-rank share of the) training split, cut to
+    # What an epoch is. None: one pass over the training split (len // batch_size steps), cut to
     # max_steps_per_epoch. An int: that many optimiser steps, the loader cycling through reshuffled
     # passes (order from seed, epoch and pass), FasterSeg's fixed-length epoch (niters_per_epoch);
     # max_steps_per_epoch still caps it (steps = min of the two: a cap for short test runs).
@@ -205,7 +213,8 @@ ITERS_PER_EPOCH_RULES = ("fasterseg",)
 
 
 def check_epoch_fields(cfg: "TrainConfig") -> None:
-    """iters_per_epoch, downsample, batch_size and the tutor fields: clear errors naming the field."""
+    """iters_per_epoch, downsample and batch_size: clear errors naming the field (the tutor's fields
+    are checked by TutorConfig.validate when the network is built)."""
     ipe = cfg.iters_per_epoch
     if isinstance(ipe, str):
         if ipe not in ITERS_PER_EPOCH_RULES:
@@ -220,13 +229,8 @@ def check_epoch_fields(cfg: "TrainConfig") -> None:
         raise ValueError(f"data.downsample must be an int >= 1 (1: full-size frames), got {cfg.data.downsample!r}")
     if isinstance(cfg.data.batch_size, bool) or not isinstance(cfg.data.batch_size, int) or cfg.data.batch_size < 1:
         raise ValueError(f"batch_size must be a positive int (the global batch), got {cfg.data.batch_size!r}")
-    if cfg.model.name == "tutor":
-        from fasterkd.models.tutor import HEAD_RESOLUTIONS
-
-        if cfg.model.head_resolution not in HEAD_RESOLUTIONS:
-            raise ValueError(f"model.head_resolution must be one of {HEAD_RESOLUTIONS}, got {cfg.model.head_resolution!r}")
-        if cfg.model.refine_kernel not in (1, 3, 5):
-            raise ValueError(f"model.refine_kernel must be 1, 3 or 5, got {cfg.model.refine_kernel!r}")
+    if isinstance(cfg.model.quarter_widths, list):
+        cfg.model.quarter_widths = tuple(cfg.model.quarter_widths)
 
 
 _SUBCONFIGS = {"data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "model": ModelConfig,
@@ -422,7 +426,10 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
     2-core CPU), ``paper`` (§4.2: search 20 + 30 epochs, batch 6, lr 0.01, wd 5e-4, lambda1 1e-2,
     lambda2 1; baseline 500 epochs, batch 10, lr 0.012, decay 0.99, wd 1e-3; tutor 350 epochs,
     lr 0.0026; student 400 epochs, lr 0.003, c = 1; FasterSeg's SGD momentum 0.9, augmentation
-    and OHEM where the paper is silent). Override names: :data:`OVERRIDES`.
+    and OHEM where the paper is silent; FasterSeg's epochs of 1000 iterations for the training
+    stages and max(train // 2 // batch, 400) for the search, whose frames are downsampled x2 and
+    cropped 256x512 (pretrain) / 224x448 (search)). ``batch_size`` is the global batch at every
+    world size. Override names: :data:`OVERRIDES`.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
