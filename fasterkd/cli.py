@@ -55,6 +55,12 @@ EPILOG_ARCH = """examples:
   fasterkd arch import ../shared/reference/fasterseg/arch_1.pt --out student.json
   fasterkd arch show student.json
 """
+EPILOG_WEIGHTS = """examples (official FasterSeg weights*.pt <-> fasterkd checkpoints):
+  fasterkd weights import weights1.pt --out runs/official/best.pt --arch student.json
+  fasterkd eval runs/official/best.pt --data-root data/cityscapes
+  fasterkd train baseline --profile paper --init weights1.pt --arch student.json --teacher hrnet_w48.pth
+  fasterkd weights export runs/baseline/best.pt --out weights1.pt
+"""
 EPILOG_COST = """examples:
   fasterkd cost --model student --arch student.json --head bilinear --input 1024x2048 --json
   fasterkd cost --model hrnet-w48-ocr --input 1024x2048
@@ -90,6 +96,22 @@ def _cmd_arch_import(args: argparse.Namespace) -> int:
     spec = import_official_arch(args.arch_file, role=args.role, lasts=args.lasts)
     spec.save(args.out)
     print(f"wrote {args.out}: branches {spec.lasts}, {sum(len(b.ops) for b in spec.branches)} layers")
+    return 0
+
+
+def _cmd_weights_import(args: argparse.Namespace) -> int:
+    from fasterkd.engine.checkpoint import import_official_weights
+
+    out = import_official_weights(args.weights, args.out, arch=args.arch, profile=args.profile)
+    print(f"wrote {out} (official FasterSeg weights from {args.weights})")
+    return 0
+
+
+def _cmd_weights_export(args: argparse.Namespace) -> int:
+    from fasterkd.engine.checkpoint import export_official_weights
+
+    out = export_official_weights(args.checkpoint, args.out)
+    print(f"wrote {out} (official FasterSeg names)")
     return 0
 
 
@@ -241,7 +263,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     train.add_argument("stage", choices=[s for s in STAGES if s != "search"])
     _add_common(train)
     train.add_argument("--tutor", default=None, help="tutor checkpoint (student stage)")
-    train.add_argument("--init", default=None, help="baseline student checkpoint to start from")
+    train.add_argument("--init", default=None, help="baseline student checkpoint (or official FasterSeg weights) to start from")
     train.add_argument("--arch", default=None, help="arch JSON (e.g. a search's arch.json)")
     train.add_argument("--head", choices=["bilinear", "pixel_shuffle"], default=None)
     train.add_argument("--fa-weight", dest="fa_weight", type=float, default=None, help="c of Eq. 10")
@@ -319,6 +341,22 @@ def build_parser() -> argparse.ArgumentParser:
     show = arch_sub.add_parser("show", help="print an arch JSON")
     show.add_argument("arch", type=Path)
     show.set_defaults(func=_cmd_arch_show)
+
+    wts = sub.add_parser("weights", help="official FasterSeg weights in and out", epilog=EPILOG_WEIGHTS,
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    wts_sub = wts.add_subparsers(dest="weights_command", required=True, metavar="ACTION")
+    wimp = wts_sub.add_parser("import", help="an official weights*.pt as a fasterkd checkpoint", epilog=EPILOG_WEIGHTS,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    wimp.add_argument("weights", type=Path, help="state dict saved by the official train.py")
+    wimp.add_argument("--out", required=True, type=Path, help="checkpoint to write, e.g. runs/official/best.pt")
+    wimp.add_argument("--arch", type=Path, default=None, help="arch JSON of the weights; default: the official student/teacher by stem width")
+    wimp.add_argument("--profile", choices=PROFILES, default="paper", help="profile of the recorded config (data, eval)")
+    wimp.set_defaults(func=_cmd_weights_import)
+    wexp = wts_sub.add_parser("export", help="a fasterkd student checkpoint under the official names", epilog=EPILOG_WEIGHTS,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    wexp.add_argument("checkpoint", type=Path)
+    wexp.add_argument("--out", required=True, type=Path, help="weights file to write, e.g. weights1.pt")
+    wexp.set_defaults(func=_cmd_weights_export)
 
     cost = sub.add_parser("cost", help="parameters, MACs and FLOPs of a model", epilog=EPILOG_COST, formatter_class=argparse.RawDescriptionHelpFormatter)
     cost.add_argument("--model", default="student", help="student, tutor, supernet, hrnet-w18-small-v1, hrnet-w18-small-v2, hrnet-w18, hrnet-w48, hrnet-w48-ocr")

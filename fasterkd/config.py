@@ -38,6 +38,10 @@ class DataConfig:
     scales: tuple[float, ...] = (0.75, 1.0, 1.25)
     flip: bool = True
     label_downsample: int = 1
+    # every frame (image and label) shrunk by this factor before scaling and cropping: FasterSeg's
+    # search reads Cityscapes at 512x1024 (``down_sampling = 2``; image area-averaged, label nearest)
+    downsample: int = 1
+    # the GLOBAL batch: each of N ranks (torchrun) loads batch_size // N images per step
     batch_size: int = 4
     eval_batch_size: int = 1
     num_workers: int = 0
@@ -86,7 +90,16 @@ class ModelConfig:
     head: str = "bilinear"
     num_classes: int = 19
     quarter_depth: int = 2
+    # the tutor's 1/4 path (fasterkd.models.tutor.TutorConfig; defaults = its defaults). Tutor
+    # checkpoints saved before these fields existed load as the earlier design: (128, 128), 1x1.
+    quarter_widths: tuple[int, ...] | None = None
+    refine_kernel: int = 3
+    head_resolution: str = "1/4"
     init: str | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.quarter_widths, list):  # from JSON
+            self.quarter_widths = tuple(self.quarter_widths)
 
 
 @dataclass
@@ -114,7 +127,13 @@ class SearchConfig:
     target_ms: float = 8.3
     lasts: tuple[tuple[int, ...], ...] = ((2, 0), (2, 1))
     split_fraction: float = 0.5
-    pretrain_lr: float | None = None  # FasterSeg pretrains at 0.02, searches at 0.01
+    # None: optim.lr (the paper's 0.01 for the whole search); FasterSeg's code pretrains at 0.02
+    pretrain_lr: float | None = None
+    crop: tuple[int, int] | None = None  # the crop of the search epochs; None: data.crop (the pretrain's)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.crop, list):  # from JSON
+            self.crop = tuple(self.crop)
 
 
 @dataclass
@@ -142,6 +161,13 @@ class TrainConfig:
     tensorboard: bool = True
     ddp_sync_check: bool = False  # record the max weight difference between ranks each epoch
     max_steps_per_epoch: int | None = None
+    # What an epoch is. None: one pass over the training split (len // batch_size steps), cut to
+    # max_steps_per_epoch. An int: that many optimiser steps, the loader cycling through reshuffled
+    # passes (order from seed, epoch and pass), FasterSeg's fixed-length epoch (niters_per_epoch);
+    # max_steps_per_epoch still caps it (steps = min of the two: a cap for short test runs).
+    # "fasterseg" (search only): max(len(train split) // 2 // batch_size, 400), FasterSeg's search
+    # epoch. The learning-rate decay steps once per epoch either way.
+    iters_per_epoch: int | str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return jsonable(asdict(self))
@@ -166,6 +192,9 @@ class TrainConfig:
         if self.model.quarter_depth < 1:
             raise ValueError(f"quarter_depth must be >= 1, got {self.model.quarter_depth}")
         self.data.crop = parse_size(self.data.crop, "crop")
+        if self.search.crop is not None:
+            self.search.crop = parse_size(self.search.crop, "search.crop")
+        check_epoch_fields(self)
         self.data.synthetic_size = parse_size(self.data.synthetic_size, "synthetic_size")
         for name in ("init", "arch"):
             p = getattr(self.model, name)
@@ -178,6 +207,30 @@ class TrainConfig:
         if self.data.root and not Path(self.data.root).is_dir():
             raise FileNotFoundError(f"data_root={self.data.root!r}: no such directory")
         return self
+
+
+ITERS_PER_EPOCH_RULES = ("fasterseg",)
+
+
+def check_epoch_fields(cfg: "TrainConfig") -> None:
+    """iters_per_epoch, downsample and batch_size: clear errors naming the field (the tutor's fields
+    are checked by TutorConfig.validate when the network is built)."""
+    ipe = cfg.iters_per_epoch
+    if isinstance(ipe, str):
+        if ipe not in ITERS_PER_EPOCH_RULES:
+            raise ValueError(f"iters_per_epoch must be None, a positive int or one of {ITERS_PER_EPOCH_RULES}, "
+                             f"got {ipe!r}")
+        if cfg.stage != "search":
+            raise ValueError(f"iters_per_epoch={ipe!r} (FasterSeg's search epoch) applies to the search stage "
+                             f"only; stage {cfg.stage!r} takes None or a positive int (FasterSeg trains 1000)")
+    elif ipe is not None and (isinstance(ipe, bool) or not isinstance(ipe, int) or ipe < 1):
+        raise ValueError(f"iters_per_epoch must be None, a positive int or one of {ITERS_PER_EPOCH_RULES}, got {ipe!r}")
+    if isinstance(cfg.data.downsample, bool) or not isinstance(cfg.data.downsample, int) or cfg.data.downsample < 1:
+        raise ValueError(f"data.downsample must be an int >= 1 (1: full-size frames), got {cfg.data.downsample!r}")
+    if isinstance(cfg.data.batch_size, bool) or not isinstance(cfg.data.batch_size, int) or cfg.data.batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int (the global batch), got {cfg.data.batch_size!r}")
+    if isinstance(cfg.model.quarter_widths, list):
+        cfg.model.quarter_widths = tuple(cfg.model.quarter_widths)
 
 
 _SUBCONFIGS = {"data": DataConfig, "optim": OptimConfig, "loss": LossConfig, "model": ModelConfig,
@@ -237,6 +290,12 @@ OVERRIDES: dict[str, str] = {
     "latency_table": "search.latency_table",
     "latency_weight": "search.latency_weight",
     "max_steps_per_epoch": "max_steps_per_epoch",
+    "iters_per_epoch": "iters_per_epoch",
+    "downsample": "data.downsample",
+    "pretrain_lr": "search.pretrain_lr",
+    "quarter_widths": "model.quarter_widths",
+    "refine_kernel": "model.refine_kernel",
+    "head_resolution": "model.head_resolution",
     "eval_every": "eval_every",
 }
 
@@ -303,7 +362,9 @@ PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
     "paper": {"epochs": 500, "eval_every": 10, "data.crop": (256, 512), "data.scales": (0.75, 1.0, 1.25),
               "data.batch_size": 10, "data.num_workers": 6, "data.synthetic_size": (1024, 2048),
               "data.synthetic_train": 100, "data.synthetic_val": 20, "optim.lr": 0.012,
-              "optim.weight_decay": 1e-3, "optim.lr_decay": 0.99},
+              "optim.weight_decay": 1e-3, "optim.lr_decay": 0.99,
+              # FasterSeg's training epoch (train/config_train.py: niters_per_epoch = 1000)
+              "iters_per_epoch": 1000},
 }
 
 # The search on a CPU: a tiny space (4 layers, fch 4, three widths) and a latency table measured on
@@ -324,16 +385,22 @@ STAGE_RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # a small HRNet on the synthetic data otherwise
     "teacher": {
         "*": {"model.name": DEFAULT_TEACHER},
+        # HRNet counts an epoch as one pass (484 x 2975 // 12 ~ 120k iterations): iters_per_epoch None
         "paper": {"model.name": "hrnet-w48", "optim.lr": 0.01, "optim.weight_decay": 5e-4, "optim.lr_decay": 0.99,
-                  "epochs": 484, "data.batch_size": 12, "data.crop": (512, 1024)},
+                  "epochs": 484, "data.batch_size": 12, "data.crop": (512, 1024), "iters_per_epoch": None},
         "quick": {"epochs": 30},  # 15 epochs left the small HRNet below the student (11.9 vs 15.6 % mIoU)
     },
     "search": {
         # lambda2 of Eq. 7; supernet logits stay at 1/8 in training (spec §4.4)
         "*": {"model.name": "supernet", "loss.kd_weight": 1.0, "optim.grad_clip": 5.0, "data.label_downsample": 8},
+        # paper §4.2 where it speaks (batch 6, lr 0.01 for pretrain and search); FasterSeg's
+        # search/config_search.py where it is silent: frames downsampled x2, crops 256x512 (pretrain)
+        # and 224x448 (search), an epoch of max(train // 2 // batch, 400) iterations.
+        # pretrain_lr=0.02 gives FasterSeg's code value for the pretrain epochs.
         "paper": {"epochs": 30, "data.batch_size": 6, "optim.lr": 0.01, "optim.weight_decay": 5e-4,
                   "optim.lr_decay": 0.978, "search.pretrain_epochs": 20, "search.latency_weight": 0.01,
-                  "search.pretrain_lr": 0.02},
+                  "search.pretrain_lr": None, "data.downsample": 2, "data.crop": (256, 512),
+                  "search.crop": (224, 448), "iters_per_epoch": "fasterseg"},
         "quick": {**_TINY_SEARCH, "epochs": 3, "search.pretrain_epochs": 2},
         "smoke": {**_TINY_SEARCH, "epochs": 1},
     },
@@ -359,7 +426,10 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
     2-core CPU), ``paper`` (§4.2: search 20 + 30 epochs, batch 6, lr 0.01, wd 5e-4, lambda1 1e-2,
     lambda2 1; baseline 500 epochs, batch 10, lr 0.012, decay 0.99, wd 1e-3; tutor 350 epochs,
     lr 0.0026; student 400 epochs, lr 0.003, c = 1; FasterSeg's SGD momentum 0.9, augmentation
-    and OHEM where the paper is silent). Override names: :data:`OVERRIDES`.
+    and OHEM where the paper is silent; FasterSeg's epochs of 1000 iterations for the training
+    stages and max(train // 2 // batch, 400) for the search, whose frames are downsampled x2 and
+    cropped 256x512 (pretrain) / 224x448 (search)). ``batch_size`` is the global batch at every
+    world size. Override names: :data:`OVERRIDES`.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")

@@ -81,6 +81,15 @@ def mean_over_ranks(means: dict[str, float], info: DistInfo) -> dict[str, float]
     return {k: float(v) / info.world for k, v in zip(sorted(means), t)}
 
 
+def global_images_per_step(local_images: int, steps: int, info: DistInfo) -> float:
+    """The images one optimiser step saw over all ranks: this rank's count summed over the ranks
+    (one all-reduce), per step; a measured check that ``batch_size`` is the global batch."""
+    total = torch.tensor([float(local_images)], dtype=torch.float64)
+    if info.enabled:
+        dist.all_reduce(total)
+    return float(total.item()) / max(1, steps)
+
+
 def average_gradients(params: list[nn.Parameter], info: DistInfo) -> None:
     """Average the gradients of ``params`` over the ranks (one flat all-reduce; no-op on one rank).
 

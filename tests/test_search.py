@@ -128,7 +128,8 @@ def test_two_gloo_ranks_search_in_step(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fasterkd", "search", "--profile", "smoke", "--device", "cpu", "--out", str(out), "--epochs", "2",
-           "--kd-weight", "0", "--no-progress", "--set", "data.synthetic_train=8", "--set", "ddp_sync_check=true"]
+           "--kd-weight", "0", "--no-progress", "--set", "data.synthetic_train=8", "--set", "ddp_sync_check=true",
+           "--batch-size", "4"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((out / "metrics.json").read_text())
@@ -136,7 +137,8 @@ def test_two_gloo_ranks_search_in_step(tmp_path):
     # weights and architecture parameters stay identical on both ranks through both kinds of step
     assert all(r["ddp_max_weight_diff"] == 0.0 for r in rows)
     ckpt = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
-    assert ckpt["step"] == 3  # 8 images in two halves of 4, 2 ranks x batch 2: one step per epoch
+    assert ckpt["step"] == 3  # 8 images in two halves of 4, global batch 4 = 2 ranks x 2: one step per epoch
+    assert [(r["steps"], r["images_per_step"]) for r in rows] == [(1, 4.0)] * 3  # the global batch per weight step
     assert ArchSpec.load(out / "arch.json").fch == 4
 
 
@@ -154,3 +156,32 @@ def test_measuring_the_latency_table_leaves_the_seeded_stream_alone(tmp_path_fac
     a = torch.load(measured.out_dir / "last.pt", weights_only=True)["model"]
     b = torch.load(cached.out_dir / "last.pt", weights_only=True)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_one_rank_search_steps_take_the_global_batch_and_the_search_crop(tmp_path, monkeypatch):
+    # the one-rank twin of the 2-rank search above: 8 images, halves of 4, global batch 4
+    import fasterkd.engine.search as search_mod
+
+    shapes: list[tuple] = []
+    real = search_mod.epoch_batches
+
+    def recorded(*args, **kw):
+        for b in real(*args, **kw):
+            shapes.append((kw.get("salt", 0), tuple(b["image"].shape), tuple(b["label"].shape)))
+            yield b
+
+    monkeypatch.setattr(search_mod, "epoch_batches", recorded)
+    cfg = preset("search", "smoke", out_dir=str(tmp_path / "one"), device="cpu", progress=False, epochs=1,
+                 kd_weight=0.0, batch_size=4, **{"data.synthetic_train": 8, "search.crop": (64, 128)})
+    rows = run_stage(cfg).metrics
+    assert [(r["phase"], r["steps"], r["images_per_step"]) for r in rows] == [("pretrain", 1, 4.0), ("search", 1, 4.0)]
+    # pretrain at data.crop (64x64), both halves of the search at search.crop; labels at 1/8
+    assert shapes == [(0, (4, 3, 64, 64), (4, 8, 8)), (0, (4, 3, 64, 128), (4, 8, 16)), (1, (4, 3, 64, 128), (4, 8, 16))]
+
+
+def test_paper_search_reads_data_as_fasterseg():
+    s = preset("search", "paper")
+    assert (s.data.downsample, s.data.crop, s.search.crop, s.data.batch_size) == (2, (256, 512), (224, 448), 6)
+    assert s.optim.lr == 0.01 and s.search.pretrain_lr is None  # the paper's 0.01 for both phases
+    assert preset("search", "paper", pretrain_lr=0.02).search.pretrain_lr == 0.02  # FasterSeg's code value
+    assert s.iters_per_epoch == "fasterseg" and s.validate() is s

@@ -182,7 +182,7 @@ def test_two_gloo_ranks_hold_identical_weights_and_the_loss_falls(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FASTERKD_CACHE": os.environ["FASTERKD_CACHE"]}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fasterkd", "train", "baseline", "--profile", "smoke", "--device", "cpu", "--out", str(out),
-           "--epochs", "4", "--kd-weight", "0", "--lr", "0.05", "--no-progress",
+           "--epochs", "4", "--kd-weight", "0", "--lr", "0.05", "--no-progress", "--batch-size", "4",
            "--set", "ddp_sync_check=true", "--set", "eval_every=0", "--set", "final_eval=false",
            "--set", "loss.ohem=false"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -192,8 +192,36 @@ def test_two_gloo_ranks_hold_identical_weights_and_the_loss_falls(tmp_path):
     assert all(r["ddp_max_weight_diff"] == 0.0 for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
     ckpt = _weights(out / "last.pt")
-    assert ckpt["step"] == 4  # 4 images, 2 ranks x batch 2: one step per epoch
+    assert ckpt["step"] == 4  # 4 images, global batch 4 = 2 ranks x 2: one step per epoch
+    # the optimiser saw the global batch at every step (counted on the ranks, summed over them)
+    assert [(r["steps"], r["images_per_step"]) for r in rows] == [(1, 4.0)] * 4
     assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_one_rank_sees_the_same_images_per_step_as_two_at_the_same_global_batch(tmp_path, tiny_arch):
+    # the one-rank twin of the 2-rank run above: global batch 4 -> 4 images per optimiser step
+    res = run_stage(smoke("baseline", tmp_path / "one", kd_weight=0.0, arch=tiny_arch, batch_size=4, eval_every=0,
+                          final_eval=False))
+    assert [(r["steps"], r["images_per_step"]) for r in res.metrics] == [(1, 4.0)]
+    # batch 2 (smoke's): two steps of 2 over the 4 images
+    res = run_stage(smoke("baseline", tmp_path / "two", kd_weight=0.0, arch=tiny_arch, eval_every=0, final_eval=False))
+    assert [(r["steps"], r["images_per_step"]) for r in res.metrics] == [(2, 2.0)]
+
+
+def test_resume_is_bit_exact_with_fixed_length_epochs(tmp_path, tiny_arch):
+    # 4 images at batch 2 is a pass of 2 steps; 3 steps per epoch runs into a second, reshuffled pass
+    kw = dict(kd_weight=0.0, arch=tiny_arch, iters_per_epoch=3, eval_every=0, final_eval=False)
+    straight = run_stage(smoke("baseline", tmp_path / "a", epochs=2, **kw))
+    run_stage(smoke("baseline", tmp_path / "b", epochs=1, **kw))
+    resumed = run_stage(smoke("baseline", tmp_path / "b", epochs=2, **kw), resume=True)
+    a, b = _weights(straight.last), _weights(resumed.last)
+    assert a["step"] == b["step"] == 6 and [r["steps"] for r in straight.metrics] == [3, 3]
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert [r["loss"] for r in straight.metrics] == [r["loss"] for r in resumed.metrics]
+    # the learning rate decays once per such epoch
+    lrs = [r["lr"] for r in straight.metrics]
+    assert lrs[1] == pytest.approx(lrs[0] * smoke("baseline", tmp_path).optim.lr_decay)
 
 
 def test_metrics_csv_json_and_tensorboard_per_epoch(tmp_path, tiny_arch):

@@ -61,6 +61,25 @@ def _check_label(label: Tensor, image: Tensor) -> Tensor:
     return label.long()
 
 
+def shrink(image: Tensor, label: Tensor, factor: int) -> tuple[Tensor, Tensor]:
+    """Image and label shrunk by an integer ``factor`` (FasterSeg's search ``down_sampling``): the
+    image area-averaged (for factor 2 the same as its bilinear half-size resize), the label by
+    nearest neighbour so every pixel keeps a train id (or 255) of the original."""
+    if factor == 1:
+        return image, label
+    h, w = image.shape[-2:]
+    size = (max(1, h // factor), max(1, w // factor))
+    img = F.interpolate(image[None], size=size, mode="area")[0]
+    lab = F.interpolate(label[None, None].float(), size=size, mode="nearest")[0, 0].long()
+    return img, lab
+
+
+def _check_downsample(downsample: int) -> int:
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+        raise ValueError(f"downsample must be an int >= 1 (1: full-size frames), got {downsample!r}")
+    return downsample
+
+
 def _generator(generator: torch.Generator | int | None) -> torch.Generator | None:
     if isinstance(generator, int):
         return torch.Generator().manual_seed(generator)
@@ -78,13 +97,14 @@ class TrainTransform:
         label_downsample: label returned at (h // f, w // f), nearest (the search uses 8).
         pad_image: ``"mean"`` pads the image with 0 after normalisation (FasterSeg), ``"black"``
             with 0 before normalisation (HRNet). The label is always padded with 255.
+        downsample: frames shrunk by this factor first (:func:`shrink`; FasterSeg's search: 2).
 
     Returns ``(image float32 (3, h, w) normalised, label int64 (h // f, w // f))``.
     """
 
     def __init__(self, crop: Sequence[int] = (512, 1024), scales: Sequence[float] = (0.75, 1.0, 1.25),
                  flip: bool = True, label_downsample: int = 1, scale_range: Sequence[float] | None = None,
-                 pad_image: str = "mean") -> None:
+                 pad_image: str = "mean", downsample: int = 1) -> None:
         if len(crop) != 2 or min(int(c) for c in crop) <= 0:
             raise ValueError(f"crop must be a positive (h, w) pair, got {crop!r}")
         if scale_range is not None:
@@ -102,6 +122,7 @@ class TrainTransform:
         self.flip = bool(flip)
         self.label_downsample = int(label_downsample)
         self.pad_image = pad_image
+        self.downsample = _check_downsample(downsample)
 
     def sample_scale(self, generator: torch.Generator | None) -> float:
         if self.scale_range is not None:
@@ -118,6 +139,7 @@ class TrainTransform:
         do_flip = self.flip and bool(torch.rand((), generator=g) < 0.5)
         u_y, u_x = (float(v) for v in torch.rand(2, generator=g))
 
+        img, lab = shrink(img, lab, self.downsample)
         h, w = img.shape[-2:]
         nh, nw = max(1, int(round(h * scale))), max(1, int(round(w * scale)))
         if (nh, nw) != (h, w):
@@ -147,16 +169,22 @@ class TrainTransform:
 
     def __repr__(self) -> str:
         scales = f"scale_range={self.scale_range}" if self.scale_range else f"scales={self.scales}"
+        down = f", downsample={self.downsample}" if self.downsample != 1 else ""
         return (f"TrainTransform(crop={self.crop}, {scales}, flip={self.flip}, "
-                f"label_downsample={self.label_downsample}, pad_image={self.pad_image!r})")
+                f"label_downsample={self.label_downsample}, pad_image={self.pad_image!r}{down})")
 
 
 class EvalTransform:
-    """Evaluation: full resolution, normalisation only (spec §9.5): ``transform(image, label)``."""
+    """Evaluation: full resolution (or shrunk by ``downsample``, as FasterSeg validates its search),
+    normalisation only (spec §9.5): ``transform(image, label)``."""
+
+    def __init__(self, downsample: int = 1) -> None:
+        self.downsample = _check_downsample(downsample)
 
     def __call__(self, image: Tensor, label: Tensor, generator: torch.Generator | int | None = None) -> tuple[Tensor, Tensor]:
         img = _as_float_image(image)
-        return normalize(img), _check_label(label, img)
+        img, lab = shrink(img, _check_label(label, img), self.downsample)
+        return normalize(img), lab
 
     def __repr__(self) -> str:
-        return "EvalTransform()"
+        return "EvalTransform()" if self.downsample == 1 else f"EvalTransform(downsample={self.downsample})"

@@ -63,8 +63,15 @@ def build_network(cfg: TrainConfig, arch_dict: dict | None = None) -> nn.Module:
         return build_model(m.name, num_classes=m.num_classes)
     if m.name == "supernet":
         return build_model("supernet", num_classes=m.num_classes, **supernet_kwargs(cfg))
-    kw = {"quarter_depth": m.quarter_depth} if m.name == "tutor" else {}
+    kw = tutor_design(m) if m.name == "tutor" else {}
     return build_model(m.name, arch=arch_spec(cfg, arch_dict), head=m.head, num_classes=m.num_classes, **kw)
+
+
+def tutor_design(m) -> dict[str, Any]:
+    """The tutor's 1/4-path options of a :class:`~fasterkd.config.ModelConfig` (TutorConfig fields)."""
+    widths = None if m.quarter_widths is None else tuple(int(w) for w in m.quarter_widths)
+    return {"quarter_depth": m.quarter_depth, "quarter_widths": widths, "refine_kernel": m.refine_kernel,
+            "head_resolution": m.head_resolution}
 
 
 def model_identity(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
@@ -74,7 +81,7 @@ def model_identity(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     if arch is not None and hasattr(arch, "to_dict"):
         ident["arch"] = arch.to_dict()
     if cfg.model.name == "tutor":
-        ident["quarter_depth"] = cfg.model.quarter_depth
+        ident.update(jsonable(tutor_design(cfg.model)))
     if cfg.model.name == "supernet":
         ident["supernet"] = jsonable(dict(cfg.search.supernet))
     return ident
@@ -128,6 +135,33 @@ def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
         raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a fasterkd checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    return upgrade_saved(ckpt)
+
+
+def legacy_tutor_design(quarter_depth: int) -> dict[str, Any]:
+    """The tutor every checkpoint saved before ModelConfig held its design was built as: a uniform
+    128-wide 1/4 path, a 1x1 refine, the Head at 1/4."""
+    return {"quarter_widths": [128] * int(quarter_depth), "refine_kernel": 1, "head_resolution": "1/4"}
+
+
+def upgrade_saved(ckpt: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint written before a config field existed, read as what it was built as.
+
+    The one such case that changes the network: a tutor saved without ``quarter_widths``,
+    ``refine_kernel`` and ``head_resolution`` (in its config's ``model`` and in its identity) gets
+    :func:`legacy_tutor_design`, not today's defaults. Other absent fields take their defaults
+    (``TrainConfig.from_dict``), which are the behaviour of the code that wrote them.
+    """
+    model = ckpt.get("config", {}).get("model", {})
+    if model.get("name") == "tutor":
+        legacy = legacy_tutor_design(model.get("quarter_depth", 2))
+        absent = [k for k in legacy if k not in model]
+        for k in absent:
+            model[k] = legacy[k]
+        ident = ckpt.get("identity", {})
+        for k in absent:
+            ident.setdefault(k, legacy[k])
+        ident.setdefault("quarter_depth", model.get("quarter_depth", 2))
     return ckpt
 
 
@@ -195,32 +229,95 @@ def load_tutor(cfg: TrainConfig, device: torch.device) -> nn.Module:
     return freeze(model.to(device))
 
 
+def _init_source(path: str, model: nn.Module) -> tuple[dict[str, torch.Tensor], str, str]:
+    """``(state dict, model name, head)`` of an ``init`` file: a fasterkd student/tutor checkpoint,
+    or an official FasterSeg weights file (read in ``model``'s architecture; a bilinear student)."""
+    from fasterkd.models.official import from_official_weights
+
+    try:
+        ckpt = read_checkpoint(path)
+    except ValueError as not_ours:
+        try:
+            official = from_official_weights(path, arch=model.config.arch)
+        except ValueError as e:
+            raise ValueError(f"init={path!r}: {not_ours}; nor official FasterSeg weights of arch={model.config.arch.name!r} "
+                             f"({e})") from e
+        return official.state_dict(), "student", "bilinear"
+    src_cfg = TrainConfig.from_dict(ckpt["config"])
+    if src_cfg.model.name not in ("student", "tutor"):
+        raise ValueError(f"init={path!r} is a {src_cfg.model.name!r} checkpoint; expected a student run")
+    if ckpt["identity"].get("arch") != model.config.arch.to_dict():
+        raise ValueError(f"init={path!r} was trained with another architecture than arch={model.config.arch.name!r}")
+    return ckpt["model"], src_cfg.model.name, src_cfg.model.head
+
+
 def initialise_from(model: nn.Module, cfg: TrainConfig) -> list[str]:
-    """Start ``model`` from ``cfg.model.init`` (the baseline student, paper §4.2).
+    """Start ``model`` from ``cfg.model.init`` (the baseline student, paper §4.2), a fasterkd
+    checkpoint or an official FasterSeg weights file (``weights*.pt`` of the same arch).
 
     Same network: every weight must fit (else ``ValueError``). A tutor takes the student's shared
     weights (its 1/4 path starts fresh). Another head (pixel shuffle from a bilinear baseline):
     all weights but the prediction module's. Returns the names left at their initialisation.
     """
     path = cfg.model.init
-    ckpt = read_checkpoint(path)
-    src_cfg = TrainConfig.from_dict(ckpt["config"])
-    if src_cfg.model.name not in ("student", "tutor"):
-        raise ValueError(f"init={path!r} is a {src_cfg.model.name!r} checkpoint; expected a student run")
-    state = ckpt["model"]
+    state, src_name, src_head = _init_source(path, model)
     ours = model.state_dict()
-    src_arch = ckpt["identity"].get("arch")
-    cur_arch = getattr(model.config, "arch").to_dict()
-    if src_arch != cur_arch:
-        raise ValueError(f"init={path!r} was trained with another architecture than arch={cfg.model.arch!r}")
     mismatched = [k for k, v in state.items() if k in ours and ours[k].shape != v.shape]
     loadable = {k: v for k, v in state.items() if k in ours and ours[k].shape == v.shape}
-    same_head = src_cfg.model.head == cfg.model.head
+    same_head = src_head == cfg.model.head
     unexpected = [k for k in state if k not in ours]
-    if same_head and (mismatched or unexpected) and cfg.model.name == src_cfg.model.name:
+    if same_head and (mismatched or unexpected) and cfg.model.name == src_name:
         raise ValueError(f"init={path!r} does not fit: mismatched {mismatched[:5]}, unexpected {unexpected[:5]}")
     model.load_state_dict(loadable, strict=False)
     return sorted(k for k in ours if k not in loadable)
+
+
+# --------------------------------------------------------------------------------------------
+# Official FasterSeg weights in and out
+# --------------------------------------------------------------------------------------------
+
+
+def import_official_weights(weights: str | os.PathLike, out: str | os.PathLike,
+                            arch: str | os.PathLike | None = None, profile: str = "paper") -> Path:
+    """Write ``out``: a fasterkd checkpoint (a ``baseline`` run of ``profile``, epoch 0) holding an
+    official FasterSeg ``weights*.pt`` (:func:`fasterkd.models.official.from_official_weights`).
+
+    ``arch``: the arch JSON the weights were trained with; None: the shipped official student or
+    teacher, told by the stem width (a teacher's arch is written beside ``out`` as
+    ``arch.json`` so later stages can name it). ``fasterkd eval``, ``--init`` and ``weights export``
+    read the result like any run's checkpoint.
+    """
+    from fasterkd.config import preset
+    from fasterkd.models import official_arch
+    from fasterkd.models.official import from_official_weights
+
+    out = Path(out)
+    model = from_official_weights(weights, arch)
+    cfg = preset("baseline", profile, out_dir=str(out.parent))
+    cfg.model.num_classes = model.config.num_classes
+    if arch is not None:
+        cfg.model.arch = str(Path(arch).resolve())
+    elif model.config.arch.to_dict() != official_arch().to_dict():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        model.config.arch.save(out.parent / "arch.json")
+        cfg.model.arch = str((out.parent / "arch.json").resolve())
+    state = {**checkpoint_header(cfg, model_identity(model, cfg), model), "epoch": 0, "step": 0,
+             "best_miou": -1.0, "metrics": [], "imported_from": str(weights)}
+    atomic_torch_save(state, out)
+    return out
+
+
+def export_official_weights(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write a fasterkd student checkpoint's weights under the official FasterSeg names to ``out``
+    (:func:`fasterkd.models.official.save_fasterseg_weights`). A network the official code does not
+    have (a tutor, a pixel-shuffle head, a supernet, an HRNet) is refused, naming the first key."""
+    from fasterkd.models.official import save_fasterseg_weights
+
+    model, _ = load_checkpoint(checkpoint)
+    try:
+        return save_fasterseg_weights(model, out)
+    except ValueError as e:
+        raise ValueError(f"{checkpoint}: cannot be written as official FasterSeg weights: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +373,8 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def check_resume_config(saved: dict[str, Any], cfg: TrainConfig, path: str) -> None:
     """Refuse to resume from a checkpoint of another stage, model or recipe (names the fields)."""
-    a, b = _flat(saved), _flat(cfg.to_dict())
+    # fields the saved config lacks (written before they existed) compare at their defaults
+    a, b = _flat(TrainConfig.from_dict(saved).to_dict()), _flat(cfg.to_dict())
     diffs = [f"{k} (checkpoint {a.get(k)!r}, now {b.get(k)!r})" for k in sorted(set(a) | set(b))
              if k not in RESUMABLE_DIFFS and a.get(k) != b.get(k)]
     if diffs:

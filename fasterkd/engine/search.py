@@ -37,13 +37,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from fasterkd.config import TrainConfig
-from fasterkd.data.loaders import build_train_set, build_val_loader, epoch_loader
+from fasterkd.data.loaders import build_train_set, build_val_loader, epoch_batches, steps_per_epoch, train_transform
 from fasterkd.distributed import (
     DistInfo,
     average_gradients,
     barrier,
     broadcast_buffers,
     ddp_max_weight_diff,
+    global_images_per_step,
     init_distributed,
     mean_over_ranks,
     resolve_device,
@@ -221,6 +222,8 @@ class Searcher:
             half_w, half_a = copy.copy(full), copy.copy(full)
             half_w.base = torch.utils.data.Subset(full.base, order[:cut])
             half_a.base = torch.utils.data.Subset(full.base, order[cut:])
+            self.split_images = len(order)
+            self.transforms = {False: full.transform, True: train_transform(cfg, cfg.search.crop)}
             val_loader = build_val_loader(cfg, info)
             self._build()
             start, step, rows = 0, 0, []
@@ -262,14 +265,16 @@ class Searcher:
 
     def _epoch(self, half_w, half_a, epoch: int, step: int, searching: bool, last: Path) -> tuple[dict, int]:
         cfg, dev, net = self.cfg, self.device, self.net
-        loader_w = epoch_loader(half_w, cfg, epoch, self.info)
-        loader_a = epoch_loader(half_a, cfg, epoch, self.info, salt=1) if searching else None
-        n = len(loader_w) if loader_a is None else min(len(loader_w), len(loader_a))
-        if cfg.max_steps_per_epoch:
-            n = min(n, cfg.max_steps_per_epoch)
+        # the pretrain crop (data.crop) or the search crop (search.crop; FasterSeg: 224x448)
+        half_w.transform = half_a.transform = self.transforms[searching]
+        n = steps_per_epoch(cfg, half_w, self.info, split_images=self.split_images)
+        if searching and cfg.iters_per_epoch is None:
+            n = min(n, steps_per_epoch(cfg, half_a, self.info))
+        loader_w = epoch_batches(half_w, cfg, epoch, self.info, n)
+        loader_a = epoch_batches(half_a, cfg, epoch, self.info, n, salt=1) if searching else None
         self.net.train()
         sums: dict[str, float] = {}
-        t0, images = time.perf_counter(), 0
+        t0, images, local_images = time.perf_counter(), 0, 0
         bar = progress_bar(n, f"{'search' if searching else 'pretrain'} {epoch + 1}", cfg.progress, self.info.main)
         it_a = iter(loader_a) if loader_a is not None else None
         lr = self.w_opt.param_groups[0]["lr"]
@@ -316,6 +321,7 @@ class Searcher:
             self.w_opt.step()
             step += 1
             images += x.shape[0] * self.info.world
+            local_images += x.shape[0]
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             if bar is not None:
@@ -327,7 +333,8 @@ class Searcher:
         dt = time.perf_counter() - t0
         means = mean_over_ranks({k: v / max(1, n) for k, v in sums.items()}, self.info)  # the epoch's mean terms
         row = {"epoch": epoch + 1, "phase": "search" if searching else "pretrain", "lr": lr,
-               **means, "images_per_s": images / dt, "epoch_s": dt}
+               **means, "images_per_s": images / dt, "epoch_s": dt, "steps": n,
+               "images_per_step": global_images_per_step(local_images, n, self.info)}
         if searching:
             row["latency_weight"] = self.latency_weight
         return row, step

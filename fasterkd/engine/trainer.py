@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from fasterkd.config import TrainConfig
-from fasterkd.data.loaders import build_train_set, build_val_loader, epoch_loader
+from fasterkd.data.loaders import build_train_set, build_val_loader, epoch_batches, steps_per_epoch
 from fasterkd.distributed import (
     DistInfo,
     barrier,
     ddp_max_weight_diff,
+    global_images_per_step,
     init_distributed,
     mean_over_ranks,
     resolve_device,
@@ -280,11 +281,11 @@ class Trainer:
 
     def _train_epoch(self, train_set, epoch: int, step: int, log: MetricsLog, last: Path) -> tuple[dict, int]:
         cfg, dev = self.cfg, self.device
-        loader = epoch_loader(train_set, cfg, epoch, self.info)
-        n_steps = len(loader) if cfg.max_steps_per_epoch is None else min(len(loader), cfg.max_steps_per_epoch)
+        n_steps = steps_per_epoch(cfg, train_set, self.info)
+        loader = epoch_batches(train_set, cfg, epoch, self.info, n_steps)
         self.ddp_model.train()
         sums: dict[str, float] = {}
-        images, t0 = 0, time.perf_counter()
+        images, local_images, t0 = 0, 0, time.perf_counter()
         bar = progress_bar(n_steps, f"{cfg.stage} {epoch + 1}/{cfg.epochs}", cfg.progress, self.info.main)
         lr = self.optimizer.param_groups[0]["lr"]
         for i, batch in enumerate(loader):
@@ -306,6 +307,7 @@ class Trainer:
             self.scaler.update()
             step += 1
             images += image.shape[0] * self.info.world
+            local_images += image.shape[0]
             for k, v in {"loss": total, **values}.items():
                 sums[k] = sums.get(k, 0.0) + v
             log.scalar("step/loss", total, step)
@@ -315,7 +317,8 @@ class Trainer:
         if bar is not None:
             bar.close()
         dt = time.perf_counter() - t0
-        done = max(1, min(n_steps, len(loader)))
+        done = max(1, n_steps)
         means = mean_over_ranks({k: v / done for k, v in sums.items()}, self.info)  # the epoch's mean over ranks
-        row = {"epoch": epoch + 1, "lr": lr, **means, "images_per_s": images / dt, "epoch_s": dt}
+        row = {"epoch": epoch + 1, "lr": lr, **means, "images_per_s": images / dt, "epoch_s": dt,
+               "steps": n_steps, "images_per_step": global_images_per_step(local_images, n_steps, self.info)}
         return row, step
