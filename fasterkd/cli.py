@@ -155,18 +155,14 @@ def _cmd_latency_table(args: argparse.Namespace) -> int:
 
 
 def _parse_train_config(stage: str, args: argparse.Namespace) -> "TrainConfig":
-    """Profile preset <- ``--config`` file <- command-line flags (``--set KEY=VALUE``: JSON values)."""
+    """Profile preset <- ``--config`` file <- command-line flags (``--set KEY=VALUE``: typed values)."""
     from fasterkd.config import layered_config
+    from fasterkd.overrides import parse_set
 
     flags = {name: getattr(args, name) for name in OVERRIDES if getattr(args, name, None) is not None}
     for dotted in args.set or []:
-        if "=" not in dotted:
-            raise ValueError(f"--set expects KEY=VALUE, got {dotted!r}")
-        k, v = dotted.split("=", 1)
-        try:
-            flags[k] = json.loads(v)
-        except json.JSONDecodeError:
-            flags[k] = v
+        k, v = parse_set(dotted)  # the raw string: the config parses it to the field's type
+        flags[k] = v
     if "crop" in flags and isinstance(flags["crop"], str):
         flags["crop"] = parse_size(flags["crop"], "--crop")
     return layered_config(stage, args.profile, args.config, flags)
@@ -188,14 +184,14 @@ def _print_result(result: StageResult) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from fasterkd.train import run_stage
 
-    _print_result(run_stage(_parse_train_config(args.stage, args), resume=args.resume))
+    _print_result(run_stage(_parse_train_config(args.stage, args), resume=args.resume, overwrite=args.overwrite))
     return 0
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
     from fasterkd.train import run_stage
 
-    _print_result(run_stage(_parse_train_config("search", args), resume=args.resume))
+    _print_result(run_stage(_parse_train_config("search", args), resume=args.resume, overwrite=args.overwrite))
     return 0
 
 
@@ -253,6 +249,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="any config field, e.g. --set optim.lr=0.005")
     p.add_argument("--resume", nargs="?", const=True, default=False, help="continue from OUT/last.pt (or a given checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in OUT (else refused unless --resume)")
 
 
 def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
@@ -399,6 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fasterkd {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # RunInterrupted (a resumable stop) or a second Ctrl-C
+        print(f"fasterkd {args.command}: {e or 'interrupted'}", file=sys.stderr)
+        return int(getattr(e, "exit_code", 130))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
+import functools
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from fasterkd.overrides import coerce_override, field_types, read_config_file
 from fasterkd.utils import jsonable, parse_size
 
 STAGES = ("teacher", "search", "baseline", "tutor", "student", "head")
@@ -313,8 +314,16 @@ def _section(cfg: TrainConfig, path: str) -> tuple[Any, str]:
     return obj, parts[-1]
 
 
+@functools.lru_cache(maxsize=None)
+def _types_of(cls: type) -> dict[str, Any]:
+    return field_types(cls)
+
+
 def _set_path(cfg: TrainConfig, path: str, value: Any) -> None:
+    """Set the field ``path`` to ``value`` parsed/checked against the field's type (a string from
+    ``--set`` is parsed; a wrong type is a ``ValueError`` naming ``path`` and the expected type)."""
     obj, name = _section(cfg, path)
+    value = coerce_override(path, value, _types_of(type(obj))[name])
     current = getattr(obj, name)
     if isinstance(current, tuple) and isinstance(value, list):
         value = tuple(value)
@@ -447,19 +456,9 @@ def preset(stage: str, profile: str = "quick", **overrides: Any) -> TrainConfig:
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
-    """A YAML or JSON file of preset override names or dotted paths (the CLI's ``--config``)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"--config {str(path)!r} not found")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of option names to values")
-    return data
+    """A YAML or JSON file of preset override names or dotted paths (the CLI's ``--config``), read
+    safely by :func:`fasterkd.overrides.read_config_file`; values are type-checked when applied."""
+    return read_config_file(path)
 
 
 def layered_config(stage: str, profile: str | None, config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:

@@ -79,16 +79,20 @@ from fasterkd.inference import export_onnx, inference_model, predict_images
 from fasterkd.utils import strict_json
 
 
-def run_stage(cfg: TrainConfig, resume: bool | str | os.PathLike = False) -> StageResult:
+def run_stage(cfg: TrainConfig, resume: bool | str | os.PathLike = False, overwrite: bool = False) -> StageResult:
     """Train one stage end to end (see the module docstring); returns a :class:`StageResult`.
 
     ``resume=True`` continues from ``out_dir/last.pt`` (a path: from that checkpoint); the next
-    epochs are bit-identical on CPU to a run that never stopped.
+    epochs are bit-identical on CPU to a run that never stopped. A folder that already holds a run
+    is refused unless resuming or ``overwrite=True`` (which deletes its checkpoints first); a
+    folder in use by another live run is refused (:class:`fasterkd.runlock.RunLockedError`).
+    SIGINT/SIGTERM stop the run at the next step boundary with a resumable ``last.pt`` and raise
+    :class:`fasterkd.engine.interrupts.RunInterrupted` (a ``KeyboardInterrupt``).
     """
     cfg = copy.deepcopy(cfg).validate()
     if cfg.stage == "search":
-        return run_search(cfg, resume=resume)
-    return Trainer(cfg).fit(resume)
+        return run_search(cfg, resume=resume, overwrite=overwrite)
+    return Trainer(cfg, overwrite=overwrite).fit(resume)
 
 
 def validation_items(source: TrainConfig | str | os.PathLike, count: int, data_root: str = "") -> list[dict[str, Any]]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 import fasterkd
 from fasterkd.config import TrainConfig
-from fasterkd.utils import atomic_torch_save, jsonable, pick_device
+from fasterkd.utils import atomic_torch_save_all, jsonable, load_verified, pick_device, read_checksums
 
 CHECKPOINT_FORMAT = "fasterkd-checkpoint-v1"
 
@@ -118,23 +119,39 @@ def checkpoint_header(cfg: TrainConfig, identity: dict[str, Any], model: nn.Modu
 
 
 def save_epoch(state: dict[str, Any], last: Path, best: Path, improved: bool) -> None:
-    """Write ``last`` (and ``best`` when the epoch improved on it), each atomically."""
-    atomic_torch_save(state, last)
-    if improved:
-        atomic_torch_save(state, best)
+    """Write ``last`` (and ``best`` when the epoch improved on it) as one commit.
+
+    Both files are written to temporaries first (a full disk changes neither), then ``best`` is
+    renamed before ``last``: a kill between the two renames leaves ``best`` one epoch ahead of
+    ``last``, and the resumed run, which redoes that epoch bit for bit from ``last``, rewrites both.
+    ``best`` can never be older than the ``best_miou`` that ``last`` records.
+    """
+    items = [(state, best)] if improved else []
+    atomic_torch_save_all(items + [(state, last)])
+
+
+def save_interrupted(state: dict[str, Any], last: Path) -> None:
+    """Write the ``last`` of a run stopped between two steps (``state["partial"]`` says where)."""
+    atomic_torch_save_all([(state, last)])
+
+
+class NotFasterkdCheckpoint(ValueError):
+    """A loadable file that is not a fasterkd checkpoint (e.g. an official HRNet state dict)."""
 
 
 def read_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The dict of a fasterkd checkpoint (``weights_only`` loading); any other file is a clear error."""
+    """The dict of a fasterkd checkpoint, loaded with ``weights_only`` and its tensor checksums
+    verified (:func:`fasterkd.utils.load_verified`: a flipped bit is a ``ValueError`` naming the
+    file). Checkpoints written before checksums were recorded load with a warning; any other file
+    is a clear error."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} not found")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - report any unpickling failure with the file name
-        raise ValueError(f"{path}: not a loadable checkpoint ({type(e).__name__}: {e})") from e
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ckpt = load_verified(path, map_location=device)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a fasterkd checkpoint (no format {CHECKPOINT_FORMAT!r})")
+        raise NotFasterkdCheckpoint(f"{path}: not a fasterkd checkpoint (no format {CHECKPOINT_FORMAT!r})")
+    for w in caught:  # the no-checksum warning only matters for a fasterkd checkpoint
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return upgrade_saved(ckpt)
 
 
@@ -163,6 +180,14 @@ def upgrade_saved(ckpt: dict[str, Any]) -> dict[str, Any]:
             ident.setdefault(k, legacy[k])
         ident.setdefault("quarter_depth", model.get("quarter_depth", 2))
     return ckpt
+
+
+def has_checksums(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint written by fasterkd's checksummed writer."""
+    try:
+        return read_checksums(path) is not None
+    except (OSError, ValueError):
+        return False
 
 
 def run_config(source: TrainConfig | str | os.PathLike) -> TrainConfig:
@@ -207,8 +232,11 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> nn.Module:
 
     path = cfg.guide.teacher
     ckpt = None
-    with contextlib.suppress(ValueError):
+    if has_checksums(path):  # fasterkd's own file: a damaged one is an error, never an official file
         ckpt = read_checkpoint(path)
+    else:
+        with contextlib.suppress(ValueError):
+            ckpt = read_checkpoint(path)
     if ckpt is not None:
         model, tcfg = load_checkpoint(path)
         if tcfg.model.name not in HRNET_NAMES:

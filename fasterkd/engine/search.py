@@ -58,9 +58,11 @@ from fasterkd.engine.checkpoint import (
     read_checkpoint,
     rng_state,
     save_epoch,
+    save_interrupted,
     set_rng_state,
     supernet_kwargs,
 )
+from fasterkd.engine.interrupts import RunInterrupted, StopRequest, resume_hint, run_folder
 from fasterkd.engine.objective import check_finite
 from fasterkd.engine.trainer import (
     MetricsLog,
@@ -150,7 +152,8 @@ def softmaxes(net: nn.Module) -> dict[str, list[list[float]]]:
 class Searcher:
     """One search run; the checkpoint holds both optimisers, lambda1 and the history."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, overwrite: bool = False) -> None:
+        self.overwrite, self.stop, self._partial = overwrite, StopRequest(), None
         if cfg.guide.teacher is None and cfg.loss.kd_weight > 0:
             raise ValueError("the search distils from HRNet (Eq. 7): give teacher=<checkpoint>, or kd_weight=0 "
                              "for FasterSeg's objective without it")
@@ -192,6 +195,7 @@ class Searcher:
             "scheduler": self.sched.state_dict(), "rng": rng_state(), "epoch": epoch, "step": step,
             "latency_weight": self.latency_weight, "fps_range": self.fps_range, "history": self.history,
             "metrics": rows, "best_miou": max([r.get("val_miou", -1.0) for r in rows] + [-1.0]),
+            "partial": None,
         }
 
     def _resume(self, resume) -> tuple[int, int, list[dict]]:
@@ -206,11 +210,18 @@ class Searcher:
         self.latency_weight = float(ckpt["latency_weight"])
         self.fps_range = ckpt["fps_range"]
         self.history = list(ckpt["history"])
+        self._partial = ckpt.get("partial")
         return int(ckpt["epoch"]), int(ckpt["step"]), list(ckpt["metrics"])
 
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self, resume=False) -> StageResult:
+        """Search (rank 0 holding the folder's run lock); SIGINT/SIGTERM raise RunInterrupted after
+        writing a resumable ``last.pt`` at the next step boundary."""
+        with run_folder(self.out, resume, self.overwrite, self.info.main) as self.stop:
+            return self._fit(resume)
+
+    def _fit(self, resume) -> StageResult:
         cfg, info = self.cfg, self.info
         try:
             full = build_train_set(cfg, info)
@@ -243,6 +254,7 @@ class Searcher:
                     for g in self.w_opt.param_groups:
                         g["lr"] = cfg.optim.lr
                     self.sched.base_lrs = [cfg.optim.lr for _ in self.sched.base_lrs]
+                self._rows = log.rows
                 row, step = self._epoch(half_w, half_a, epoch, step, searching, last)
                 self.sched.step()
                 row.update(self._after_epoch(epoch, searching, val_loader))
@@ -254,6 +266,8 @@ class Searcher:
                                                                                          for r in log.rows)
                     save_epoch(self._state(epoch + 1, step, log.rows), last, best_path, improved)
                 barrier(info)
+                if self.stop.requested and epoch + 1 < total:  # stopped in the epoch's last step
+                    raise RunInterrupted(self.stop.signum, epoch + 1, step, last, resume_hint())
             log.close()
             final = {k: v for k, v in (self.history[-1] if self.history else {}).items()
                      if k in ("epoch", "lasts", "latency_ms", "fps", "objective", "val_miou")}
@@ -279,9 +293,16 @@ class Searcher:
         it_a = iter(loader_a) if loader_a is not None else None
         lr = self.w_opt.param_groups[0]["lr"]
         ac = dict(device_type=dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        skip, self._partial = self._partial or {"batch": 0}, None  # an interrupted epoch: its first steps are done
+        if skip["batch"]:
+            sums, images = dict(skip["sums"]), int(skip["images"])
         for i, batch in enumerate(loader_w):
             if i >= n:
                 break
+            if i < skip["batch"]:
+                if it_a is not None:
+                    next(it_a)
+                continue
             terms: dict[str, Tensor] = {}
             if searching:
                 # architecture step on Train-2 (Eq. 7), first order
@@ -327,6 +348,8 @@ class Searcher:
             if bar is not None:
                 bar.set_postfix(loss=f"{float(loss):.3f}", img_s=f"{images / (time.perf_counter() - t0):.1f}")
                 bar.update(1)
+            if self.stop.requested and i + 1 < n:
+                self._interrupt(epoch, i + 1, step, sums, images, last)
         if bar is not None:
             bar.close()
         broadcast_buffers(net, self.info)  # every rank validates and derives with rank 0's BN statistics
@@ -338,6 +361,15 @@ class Searcher:
         if searching:
             row["latency_weight"] = self.latency_weight
         return row, step
+
+    def _interrupt(self, epoch: int, batch: int, step: int, sums: dict[str, float], images: int, last: Path) -> None:
+        """Write a ``last.pt`` that resumes after ``batch`` steps of ``epoch``, then raise RunInterrupted."""
+        state = self._state(epoch, step, self._rows)
+        state["partial"] = {"batch": batch, "sums": dict(sums), "images": images}
+        if self.info.main:
+            save_interrupted(state, last)
+        barrier(self.info)
+        raise RunInterrupted(self.stop.signum, epoch + 1, step, last, resume_hint())
 
     def _after_epoch(self, epoch: int, searching: bool, val_loader) -> dict[str, Any]:
         """Validate, derive the candidates, adapt lambda1 (spec §5.3), write the arch files."""
@@ -384,9 +416,9 @@ class Searcher:
         return out
 
 
-def run_search(cfg: TrainConfig, resume: bool | str | os.PathLike = False) -> StageResult:
+def run_search(cfg: TrainConfig, resume: bool | str | os.PathLike = False, overwrite: bool = False) -> StageResult:
     """Run the search stage (called by :func:`fasterkd.train.run_stage`)."""
-    return Searcher(cfg).fit(resume)
+    return Searcher(cfg, overwrite=overwrite).fit(resume)
 
 
 __all__ = ["run_search", "Searcher", "SupernetView", "load_latency_table", "seg_terms", "dist_term", "softmaxes"]

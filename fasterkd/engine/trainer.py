@@ -48,8 +48,10 @@ from fasterkd.engine.checkpoint import (
     read_checkpoint,
     rng_state,
     save_epoch,
+    save_interrupted,
     set_rng_state,
 )
+from fasterkd.engine.interrupts import RunInterrupted, StopRequest, resume_hint, run_folder
 from fasterkd.engine.objective import Objective, build_convnorm, check_finite
 from fasterkd.utils import atomic_path, atomic_write_json, seed_everything, strict_json
 
@@ -148,8 +150,11 @@ def run_evaluation(model: nn.Module, loader, device: torch.device) -> dict[str, 
 class Trainer:
     """One training run of a stage (teacher, baseline, tutor, student, head)."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, overwrite: bool = False) -> None:
         self.cfg = cfg
+        self.overwrite = overwrite  # replace a run already in out_dir (else refused unless resuming)
+        self.stop = StopRequest()
+        self._partial: dict[str, Any] | None = None  # the interrupted epoch a resume continues
         self.device = resolve_device(cfg.device)
         self.info = init_distributed(self.device)
         self.out = Path(cfg.out_dir)
@@ -221,6 +226,7 @@ class Trainer:
             "step": step,
             "best_miou": best,
             "metrics": rows,
+            "partial": None,
         }
 
     def _resume(self, resume: bool | str | os.PathLike) -> tuple[int, int, float, list[dict]]:
@@ -234,11 +240,18 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
+        self._partial = ckpt.get("partial")
         return int(ckpt["epoch"]), int(ckpt["step"]), float(ckpt["best_miou"]), list(ckpt["metrics"])
 
     # -- the loop ----------------------------------------------------------------------------
 
     def fit(self, resume: bool | str | os.PathLike = False) -> StageResult:
+        """Train (rank 0 holding the folder's run lock); SIGINT/SIGTERM raise :class:`RunInterrupted`
+        after writing a resumable ``last.pt`` at the next step boundary."""
+        with run_folder(self.out, resume, self.overwrite, self.info.main) as self.stop:
+            return self._fit(resume)
+
+    def _fit(self, resume: bool | str | os.PathLike) -> StageResult:
         cfg, info, dev = self.cfg, self.info, self.device
         try:
             train_set = build_train_set(cfg, info)
@@ -251,6 +264,7 @@ class Trainer:
             log = MetricsLog(self.out, info.main, cfg.tensorboard, rows)
             last, best_path = self.out / "last.pt", self.out / "best.pt"
             for epoch in range(start, cfg.epochs):
+                self._best = best
                 row, step = self._train_epoch(train_set, epoch, step, log, last)
                 self.scheduler.step()
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -265,6 +279,8 @@ class Trainer:
                 if info.main:
                     save_epoch(self._state(epoch + 1, step, best, log.rows), last, best_path, improved)
                 barrier(info)
+                if self.stop.requested and epoch + 1 < cfg.epochs:  # stopped in the epoch's last step
+                    raise RunInterrupted(self.stop.signum, epoch + 1, step, last, resume_hint())
             log.close()
             final: dict[str, Any] = {}
             if cfg.final_eval:
@@ -288,9 +304,14 @@ class Trainer:
         images, local_images, t0 = 0, 0, time.perf_counter()
         bar = progress_bar(n_steps, f"{cfg.stage} {epoch + 1}/{cfg.epochs}", cfg.progress, self.info.main)
         lr = self.optimizer.param_groups[0]["lr"]
+        skip, self._partial = self._partial or {"batch": 0}, None  # an interrupted epoch: its first steps are done
+        if skip["batch"]:
+            sums, images = dict(skip["sums"]), int(skip["images"])
         for i, batch in enumerate(loader):
             if i >= n_steps:
                 break
+            if i < skip["batch"]:
+                continue
             image = batch["image"].to(dev, non_blocking=True)
             label = batch["label"].to(dev, non_blocking=True)
             if dev.type == "cuda" and cfg.channels_last:
@@ -314,6 +335,8 @@ class Trainer:
             if bar is not None:
                 bar.set_postfix(loss=f"{total:.3f}", img_s=f"{images / (time.perf_counter() - t0):.1f}")
                 bar.update(1)
+            if self.stop.requested and i + 1 < n_steps:
+                self._interrupt(epoch, i + 1, step, sums, images, log, last)
         if bar is not None:
             bar.close()
         dt = time.perf_counter() - t0
@@ -322,3 +345,13 @@ class Trainer:
         row = {"epoch": epoch + 1, "lr": lr, **means, "images_per_s": images / dt, "epoch_s": dt,
                "steps": n_steps, "images_per_step": global_images_per_step(local_images, n_steps, self.info)}
         return row, step
+
+    def _interrupt(self, epoch: int, batch: int, step: int, sums: dict[str, float], images: int,
+                   log: MetricsLog, last: Path) -> None:
+        """Write a ``last.pt`` that resumes after ``batch`` steps of ``epoch``, then raise RunInterrupted."""
+        state = self._state(epoch, step, self._best, log.rows)
+        state["partial"] = {"batch": batch, "sums": dict(sums), "images": images}
+        if self.info.main:
+            save_interrupted(state, last)
+        barrier(self.info)
+        raise RunInterrupted(self.stop.signum, epoch + 1, step, last, resume_hint())
