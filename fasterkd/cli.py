@@ -64,7 +64,8 @@ EPILOG_COST = """examples:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from fasterkd.data.synthetic import write_synthetic
 
-    n = write_synthetic(args.out, n=args.n, size=parse_size(args.size, "--size"), seed=args.seed, split=args.split)
+    n = write_synthetic(args.out, n=args.n, size=parse_size(args.size, "--size"), seed=args.seed, split=args.split,
+                        force=args.force)
     print(f"wrote {n} synthetic scenes to {args.out} (split {args.split})")
     return 0
 
@@ -301,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", default="256x512", help="image size HxW")
     synth.add_argument("--seed", type=int, default=0, help="scene seed (same seed, same bytes)")
     synth.add_argument("--split", default="train", help="split folder name")
+    synth.add_argument("--force", action="store_true", help="write even into a folder that holds other data")
     synth.set_defaults(func=_cmd_data_synth)
     check = data_sub.add_parser("check", help="read a dataset through the loader and count pixels per class", epilog=EPILOG_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("root", type=Path, help="dataset root (Cityscapes layout)")
@@ -351,15 +353,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fasterkd.errors import USER_ERRORS, describe_error
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # bad input: one clear line, no traceback (set FASTERKD_DEBUG=1 for the traceback)
+    except USER_ERRORS as e:
+        # bad input or a failed read/write: one clear line, no traceback (FASTERKD_DEBUG=1 for it)
         import os
 
         if os.environ.get("FASTERKD_DEBUG"):
             raise
-        print(f"fasterkd {args.command}: error: {e}", file=sys.stderr)
+        print(f"fasterkd {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 2
 
 

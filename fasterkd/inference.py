@@ -36,7 +36,9 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, device: str | torch.devic
     """mIoU, per-class IoU (null for a class absent from the split) and pixel accuracy of a checkpoint
     at full resolution on ``split`` (default: its validation split) of its data (or ``data_root``)."""
     from fasterkd.data.transforms import EvalTransform
+    from fasterkd.evaluate import check_max_images
 
+    check_max_images(max_images, "--max-images")  # before the model loads: 0 or -1 is an error, not "all"
     device = pick_device(device)
     model, cfg = load_checkpoint(checkpoint, device)
     if data_root is not None:
