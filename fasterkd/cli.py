@@ -41,6 +41,9 @@ EPILOG_EVAL = """examples:
 """
 EPILOG_PREDICT = """examples:
   fasterkd predict runs/student/best.pt frame1.png frame2.jpg --out predictions/
+  fasterkd predict runs/student/best.pt data/frames/ --out predictions/   # every image under the folder
+outputs: <stem>_pred.png and <stem>_overlay.png; inputs that share a stem are named by their
+relative path with the suffix (a/frame.png -> a__frame_png_pred.png, odd.jpg -> odd_jpg_pred.png)
 """
 EPILOG_EXPORT = """examples:
   fasterkd export runs/student/best.pt --format onnx --out student.onnx --input 1024x2048
@@ -199,6 +202,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     written = predict_checkpoint(args.checkpoint, [Path(p) for p in args.images], Path(args.out), args.device)
     print(f"wrote {len(written)} files to {args.out}")
+    for path in written:
+        print(f"  {path}")
     return 0
 
 
@@ -208,8 +213,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format != "onnx":
         raise ValueError(f"--format must be onnx, got {args.format!r}")
     out, info = export_checkpoint(args.checkpoint, args.out, parse_size(args.input, "--input"), opset=args.opset)
-    print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e} "
-          f"(output {info['output_shape']})")
+    print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e}, "
+          f"relative {info['max_rel_diff']:.3e} (output {info['output_shape']})")
     return 0
 
 
@@ -274,7 +279,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     pr = sub.add_parser("predict", help="colour-coded predictions and overlays of images", epilog=EPILOG_PREDICT,
                         formatter_class=fmt)
     pr.add_argument("checkpoint", type=Path)
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files or folders (every image under a folder, sorted)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_cmd_predict)
@@ -285,7 +290,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     ex.add_argument("--format", default="onnx", choices=["onnx"])
     ex.add_argument("--out", default=None)
     ex.add_argument("--input", default="256x512", help="input size HxW of the exported graph")
-    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (torch.onnx's TorchScript exporter: 7 to 20)")
     ex.set_defaults(func=_cmd_export)
 
 
