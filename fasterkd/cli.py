@@ -213,7 +213,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.format != "onnx":
         raise ValueError(f"--format must be onnx, got {args.format!r}")
     out, info = export_checkpoint(args.checkpoint, args.out, parse_size(args.input, "--input"), opset=args.opset)
-    print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e}, "
+    print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e} "
           f"relative {info['max_rel_diff']:.3e} (output {info['output_shape']})")
     return 0
 
