@@ -29,7 +29,10 @@ _SRC_TAGS = {"script": ("src",), "img": ("src", "srcset"), "iframe": ("src",), "
              "source": ("src", "srcset"), "video": ("src", "poster"), "audio": ("src",), "track": ("src",),
              "input": ("src",), "object": ("data",), "link": ("href", "imagesrcset")}
 _CSS_URL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])([^'")\s]+)""", re.I)
-_JS_URL = re.compile(r"""(?:https?:)?//[A-Za-z0-9.\-\[\]:]+[^\s'"`<>)]*""")
+# inside a script: an http(s) URL, or a protocol-relative one whose host has a dot and whose "//" does
+# not sit inside a base64 run (widget state and inline images in the built pages are full of "//")
+_JS_URL = re.compile(r"""https?://[A-Za-z0-9.\-\[\]:]+[^\s'"`<>)]*"""
+                     r"""|(?<![A-Za-z0-9+/=:])//[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+(?::\d+)?(?:/[^\s'"`<>)]*)?""")
 
 
 def is_offsite(url: str) -> bool:
@@ -117,6 +120,9 @@ PAGES = [
     ("paper-link", '<a href="https://doi.org/10.1007/978-3-030-90439-5_14">paper</a>', []),
     ("data-uri", '<img src="data:image/png;base64,AAAA">', []),
     ("comment-text", "<p>see https://example.org in the text</p>", []),
+    ("script-protocol-relative", "<script>var u = '//cdn.example.com/x.js';</script>", ["//cdn.example.com/x.js"]),
+    # base64 inside an inline script (widget state of the built book) is no URL
+    ("script-base64", "<script>var s = {'img': 'data:image/png;base64,AB//Xe42qm3YsIE/+//a.b=='};</script>", []),
 ]
 
 
