@@ -90,7 +90,7 @@ test-fast: $(STAMPS)/venv
 	$(PY) -m pytest -q -m "not slow"
 
 clean:
-	rm -rf _build book/executed
+	rm -rf runs/book-*/_build runs/book-*/book _build book/executed
 
 distclean: clean
 	rm -rf $(VENV) $(STAMPS) $(VENDOR) runs

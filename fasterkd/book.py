@@ -2,28 +2,34 @@
 
 One runner serves ``make book``, ``python -m fasterkd.book``, ``fasterkd book`` and the tests::
 
-    run_book(profile="quick")          # notebooks/*.ipynb -> runs/book-quick -> book/executed -> _build/html
+    run_book(profile="quick")   # notebooks/*.ipynb -> runs/book-quick (book/executed, _build/html inside it)
 
 Every notebook declares ``profile``, ``run_dir``, ``data_root`` and ``device`` in a cell tagged
 ``parameters``; the runner passes the ones a notebook declares (papermill injects them after that
 cell). Artifacts flow between notebooks through ``run_dir``.
 
 **Skipping.** A notebook's key hashes its source cells, the parameters, the ``fasterkd/``
-sources and the key and run id of the notebook before it. A notebook whose key matches its
+sources, the key and run id of the notebook before it, and the content (SHA-256) of the upstream
+artifacts it may read: every ``<run_dir>/<run>/<artifact>`` of :data:`fasterkd.runs.RUNS` written
+by an earlier chapter (a checkpoint replaced in the run folder re-runs the chapters after the one
+that wrote it). A notebook whose key matches its
 last successful run (``run_dir/book_state.json``, written atomically after each notebook) is
 skipped. Because the chain carries the upstream run id, a notebook that ran re-runs every
 notebook after it, and a change re-runs that notebook and those after it only. A failed
-notebook is forgotten in the state, so the next call resumes there.
+notebook is forgotten in the state, so the next call resumes there. A state file that is not
+valid JSON or not of the expected shape is treated as absent (a warning; every notebook runs).
 
 **Failure.** :class:`NotebookFailed` names the notebook, the cell (index and ``In [n]``) and the
 exception; the partially executed copy is kept as ``run_dir/notebooks/<name>.failed.ipynb`` and
 the notebook's previous output (and published copy) is removed, since it no longer matches.
 The command exits 1.
 
-**Build.** Executed notebooks (``injected-parameters`` and ``parameters`` cells tagged
-``remove-cell`` so the pages open on prose) are copied to ``book/executed/`` and
-``jupyter-book build book --config _config.yml -W --keep-going`` writes ``_build/html``
-(:mod:`fasterkd.publish`).
+**Build.** A run writes only under its ``run_dir``: the book's sources are staged into
+``run_dir/book`` (:func:`fasterkd.publish.stage_book`), the executed notebooks
+(``injected-parameters`` and ``parameters`` cells tagged ``remove-cell`` so the pages open on
+prose) are copied to ``run_dir/book/executed/`` and ``jupyter-book build --config _config.yml -W
+--keep-going`` writes ``run_dir/_build/html`` (:mod:`fasterkd.publish`); ``make book`` publishes
+``runs/book-quick/_build/html``.
 """
 
 from __future__ import annotations
@@ -148,9 +154,40 @@ def _link(entry: dict[str, Any]) -> str:
     return _sha([entry["key"], entry["run_id"]])
 
 
-def notebook_key(source_hash: str, parameters: dict[str, Any], pkg_hash: str, upstream: str) -> str:
-    """The chained key of one notebook: its source, its parameters, the package, its upstream."""
-    return _sha({"source": source_hash, "parameters": parameters, "package": pkg_hash, "upstream": upstream})
+def notebook_key(source_hash: str, parameters: dict[str, Any], pkg_hash: str, upstream: str,
+                 artifacts: dict[str, str] | None = None) -> str:
+    """The chained key of one notebook: its source, its parameters, the package, its upstream
+    notebook and the digests of the upstream artifacts it may read (:func:`upstream_artifacts`)."""
+    return _sha({"source": source_hash, "parameters": parameters, "package": pkg_hash, "upstream": upstream,
+                 "artifacts": artifacts or {}})
+
+
+def _file_digest(path: Path, cache: dict[tuple[str, int, int], str]) -> str:
+    """SHA-256 of a file's bytes ("absent" when there is none), cached by (path, size, mtime_ns)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return "absent"
+    memo = (str(path), st.st_size, st.st_mtime_ns)
+    if memo not in cache:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        cache[memo] = h.hexdigest()
+    return cache[memo]
+
+
+def upstream_artifacts(run_dir: Path, earlier: Iterable[str],
+                       cache: dict[tuple[str, int, int], str] | None = None) -> dict[str, str]:
+    """``{"<run>/<artifact>": sha256}`` of every run of :data:`fasterkd.runs.RUNS` whose writing
+    chapter is among ``earlier`` (the notebooks before this one): what this notebook may read."""
+    from fasterkd.runs import RUNS
+
+    earlier = set(earlier)
+    cache = {} if cache is None else cache
+    return {f"{r.name}/{r.artifact}": _file_digest(run_dir / r.name / r.artifact, cache)
+            for r in RUNS.values() if r.chapter in earlier}
 
 
 # --------------------------------------------------------------------------------------------
@@ -158,17 +195,39 @@ def notebook_key(source_hash: str, parameters: dict[str, Any], pkg_hash: str, up
 # --------------------------------------------------------------------------------------------
 
 
+def _state_problem(state: Any) -> str | None:
+    """Why ``state`` is not a usable book state (None if it is)."""
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, expected an object"
+    if state.get("version") != STATE_VERSION:
+        return f"version {state.get('version')!r}, expected {STATE_VERSION}"
+    if not isinstance(state.get("notebooks"), dict):
+        return "its 'notebooks' is not an object"
+    for name, entry in state["notebooks"].items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("key"), str) \
+                or not isinstance(entry.get("run_id"), str) \
+                or not isinstance(entry.get("seconds", 0.0), (int, float)) or isinstance(entry.get("seconds"), bool):
+            return f"its entry for {name!r} lacks a string key and run_id or a number of seconds"
+    return None
+
+
 def read_state(run_dir: Path) -> dict[str, Any]:
+    """``run_dir/book_state.json``; a missing, unreadable or malformed file is an empty state
+    (malformed: a warning on stderr, and every notebook runs)."""
     path = run_dir / STATE_FILE
+    empty = {"version": STATE_VERSION, "notebooks": {}}
     if not path.is_file():
-        return {"version": STATE_VERSION, "notebooks": {}}
+        return empty
     try:
         state = json.loads(path.read_text())
-    except ValueError:
-        print(f"book: {path} is unreadable; running every notebook", file=sys.stderr)
-        return {"version": STATE_VERSION, "notebooks": {}}
-    if state.get("version") != STATE_VERSION or not isinstance(state.get("notebooks"), dict):
-        return {"version": STATE_VERSION, "notebooks": {}}
+    except (OSError, ValueError) as e:
+        print(f"book: warning: {path} is unreadable ({type(e).__name__}); treated as absent, every notebook runs",
+              file=sys.stderr)
+        return empty
+    why = _state_problem(state)
+    if why is not None:
+        print(f"book: warning: {path} is malformed ({why}); treated as absent, every notebook runs", file=sys.stderr)
+        return empty
     return state
 
 
@@ -289,6 +348,14 @@ def execute_notebook(source: Path, output: Path, parameters: dict[str, Any], cwd
 # --------------------------------------------------------------------------------------------
 
 
+def _changed_artifacts(entry: dict[str, Any] | None, artifacts: dict[str, str]) -> list[str]:
+    """The upstream artifacts whose digest differs from the entry's last successful run."""
+    before = entry.get("artifacts") if entry else None
+    if not isinstance(before, dict):
+        return []
+    return [k for k, v in artifacts.items() if before.get(k, v) != v]
+
+
 def _log(msg: str) -> None:
     print(msg, flush=True)  # progress lines appear at once under make and CI
 
@@ -323,10 +390,14 @@ def run_book(
     every selected notebook. ``build=False`` stops after the notebooks. ``dry_run=True`` only
     reports which notebooks would run (``status`` ``"would run"``) and writes nothing.
 
+    Everything is written under ``run_dir``: by default the repository's ``book/`` sources are
+    staged into ``<run_dir>/book`` and the build writes ``<run_dir>/_build/html``.
+
     Keyword-only paths (tests and other layouts): ``notebooks_dir`` (``notebooks/``),
-    ``book_dir`` (``book/``; executed copies go to ``<book_dir>/executed``), ``config``
+    ``book_dir`` (a book source folder used in place, executed copies go to
+    ``<book_dir>/executed``; default: the staged ``<run_dir>/book``), ``config``
     (``_config.yml``), ``output_dir`` (the build writes ``<output_dir>/_build/html``; default
-    the repository root), ``package_dir`` (hashed into the keys; ``fasterkd/``).
+    ``run_dir``), ``package_dir`` (hashed into the keys; ``fasterkd/``).
     """
     log = log or _log
     if profile not in PROFILES:
@@ -334,9 +405,11 @@ def run_book(
     if not isinstance(device, str) or not device:
         raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda', got {device!r}")
     notebooks_dir = Path(notebooks_dir) if notebooks_dir is not None else ROOT / "notebooks"
-    book_dir = Path(book_dir) if book_dir is not None else ROOT / "book"
     run_dir = Path(run_dir) if run_dir is not None else ROOT / "runs" / f"book-{profile}"
     run_dir = run_dir.resolve()
+    stage = book_dir is None  # the run's own copy of book/: nothing outside run_dir is written
+    book_dir = Path(book_dir) if book_dir is not None else run_dir / "book"
+    output_dir = Path(output_dir) if output_dir is not None else run_dir
     data_root = str(Path(data_root).resolve()) if str(data_root) else ""
     if data_root and not Path(data_root).is_dir():
         raise FileNotFoundError(f"data_root {data_root!r} is not a folder (expected a Cityscapes root)")
@@ -350,6 +423,10 @@ def run_book(
     executed_dir = book_dir / "executed"
     if not dry_run:
         run_dir.mkdir(parents=True, exist_ok=True)
+        if stage and (ROOT / "book").is_dir():
+            from fasterkd.publish import stage_book
+
+            stage_book(book_dir, ROOT / "book")
         executed_dir.mkdir(parents=True, exist_ok=True)
     state = read_state(run_dir)
     result = BookResult(run_dir=run_dir)
@@ -360,11 +437,13 @@ def run_book(
     upstream = ""
     i = 0
     t_all = time.perf_counter()
-    for nb in notebooks:
+    digests: dict[tuple[str, int, int], str] = {}
+    for position, nb in enumerate(notebooks):
         name = nb.stem
         declared = declared_parameters(nb)
         params = {k: values[k] for k in NOTEBOOK_PARAMETERS if k in declared}
-        key = notebook_key(notebook_source_hash(nb), params, pkg, upstream)
+        artifacts = upstream_artifacts(run_dir, [p.stem for p in notebooks[:position]], digests)
+        key = notebook_key(notebook_source_hash(nb), params, pkg, upstream, artifacts)
         entry = state["notebooks"].get(name)
         out = run_dir / "notebooks" / f"{name}.ipynb"
         if name not in selected:
@@ -383,7 +462,9 @@ def run_book(
             status, seconds = "skipped", 0.0
         else:
             last = f" (last run took {_fmt_s(entry['seconds'])})" if entry and "seconds" in entry else ""
-            log(f"[{i}/{total}] {name}: running{last} ...")
+            changed = _changed_artifacts(entry, artifacts)
+            why = f" (upstream artifacts changed: {', '.join(changed)})" if changed else ""
+            log(f"[{i}/{total}] {name}: running{why}{last} ...")
             state["notebooks"].pop(name, None)  # forget it until it succeeds: a failure resumes here
             _write_state(run_dir, state)
             t0 = time.perf_counter()
@@ -399,7 +480,8 @@ def run_book(
                 raise e
             seconds = time.perf_counter() - t0
             entry = {"key": key, "run_id": uuid.uuid4().hex, "seconds": round(seconds, 2),
-                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parameters": params}
+                     "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parameters": params,
+                     "artifacts": artifacts}
             state["notebooks"][name] = entry
             _write_state(run_dir, state)
             status = "ran"
@@ -430,7 +512,8 @@ def run_book(
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", choices=PROFILES, default="quick", help="smoke | quick (default) | paper")
-    p.add_argument("--run-dir", default=None, help="run folder (default runs/book-<profile>)")
+    p.add_argument("--run-dir", default=None,
+                   help="run folder (default runs/book-<profile>); the run writes only there, the book to RUN/_build/html")
     p.add_argument("--data-root", default="", help="Cityscapes root; empty = the embedded synthetic scenes")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--only", action="append", default=None,
@@ -462,10 +545,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fasterkd.book", description=__doc__.split("\n\n")[0])
     _add_arguments(parser)
     args = parser.parse_args(argv)
+    from fasterkd.errors import USER_ERRORS, describe_error
+
     try:
         return _cmd_book(args)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"book: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"book: error: {describe_error(e)}", file=sys.stderr)
         return 2
 
 

@@ -41,6 +41,9 @@ EPILOG_EVAL = """examples:
 """
 EPILOG_PREDICT = """examples:
   fasterkd predict runs/student/best.pt frame1.png frame2.jpg --out predictions/
+  fasterkd predict runs/student/best.pt data/frames/ --out predictions/   # every image under the folder
+outputs: <stem>_pred.png and <stem>_overlay.png; inputs that share a stem are named by their
+relative path with the suffix (a/frame.png -> a__frame_png_pred.png, odd.jpg -> odd_jpg_pred.png)
 """
 EPILOG_EXPORT = """examples:
   fasterkd export runs/student/best.pt --format onnx --out student.onnx --input 1024x2048
@@ -70,7 +73,8 @@ EPILOG_COST = """examples:
 def _cmd_data_synth(args: argparse.Namespace) -> int:
     from fasterkd.data.synthetic import write_synthetic
 
-    n = write_synthetic(args.out, n=args.n, size=parse_size(args.size, "--size"), seed=args.seed, split=args.split)
+    n = write_synthetic(args.out, n=args.n, size=parse_size(args.size, "--size"), seed=args.seed, split=args.split,
+                        force=args.force)
     print(f"wrote {n} synthetic scenes to {args.out} (split {args.split})")
     return 0
 
@@ -216,6 +220,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     written = predict_checkpoint(args.checkpoint, [Path(p) for p in args.images], Path(args.out), args.device)
     print(f"wrote {len(written)} files to {args.out}")
+    for path in written:
+        print(f"  {path}")
     return 0
 
 
@@ -226,7 +232,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--format must be onnx, got {args.format!r}")
     out, info = export_checkpoint(args.checkpoint, args.out, parse_size(args.input, "--input"), opset=args.opset)
     print(f"wrote {out}; onnxruntime vs torch max abs difference {info['max_abs_diff']:.3e} "
-          f"(output {info['output_shape']})")
+          f"relative {info['max_rel_diff']:.3e} (output {info['output_shape']})")
     return 0
 
 
@@ -292,7 +298,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     pr = sub.add_parser("predict", help="colour-coded predictions and overlays of images", epilog=EPILOG_PREDICT,
                         formatter_class=fmt)
     pr.add_argument("checkpoint", type=Path)
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files or folders (every image under a folder, sorted)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="auto")
     pr.set_defaults(func=_cmd_predict)
@@ -303,7 +309,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     ex.add_argument("--format", default="onnx", choices=["onnx"])
     ex.add_argument("--out", default=None)
     ex.add_argument("--input", default="256x512", help="input size HxW of the exported graph")
-    ex.add_argument("--opset", type=int, default=17)
+    ex.add_argument("--opset", type=int, default=17, help="ONNX opset (torch.onnx's TorchScript exporter: 7 to 20)")
     ex.set_defaults(func=_cmd_export)
 
 
@@ -320,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--size", default="256x512", help="image size HxW")
     synth.add_argument("--seed", type=int, default=0, help="scene seed (same seed, same bytes)")
     synth.add_argument("--split", default="train", help="split folder name")
+    synth.add_argument("--force", action="store_true", help="write even into a folder that holds other data")
     synth.set_defaults(func=_cmd_data_synth)
     check = data_sub.add_parser("check", help="read a dataset through the loader and count pixels per class", epilog=EPILOG_DATA, formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("root", type=Path, help="dataset root (Cityscapes layout)")
@@ -386,15 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from fasterkd.errors import USER_ERRORS, describe_error
+
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
-        # bad input: one clear line, no traceback (set FASTERKD_DEBUG=1 for the traceback)
+    except USER_ERRORS as e:
+        # bad input or a failed read/write: one clear line, no traceback (FASTERKD_DEBUG=1 for it)
         import os
 
         if os.environ.get("FASTERKD_DEBUG"):
             raise
-        print(f"fasterkd {args.command}: error: {e}", file=sys.stderr)
+        print(f"fasterkd {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:  # RunInterrupted (a resumable stop) or a second Ctrl-C
         print(f"fasterkd {args.command}: {e or 'interrupted'}", file=sys.stderr)

@@ -335,6 +335,10 @@ def test_every_notebook_runs_in_smoke_and_the_book_builds_with_W(smoke_book_resu
         assert not re.search(r"""src=["']https?://""", text), f"{page.name} loads a script from the network"
     intro = (html / "intro.html").read_text()
     assert "_static/mathjax/tex-mml-chtml.js" in intro
+    # no page or stylesheet loads anything off the machine (scripts, styles, inline THEBE_JS_URL, ...)
+    from test_faults_book import offsite_urls
+
+    assert offsite_urls(html) == []
     # nothing changed: a second call would run nothing
     again = run_book("smoke", run_dir=r.run_dir, device="cpu", book_dir=html.parents[1] / "book", dry_run=True)
     assert again.skipped == names, [(n.name, n.status) for n in again.notebooks]

@@ -29,7 +29,10 @@ _SRC_TAGS = {"script": ("src",), "img": ("src", "srcset"), "iframe": ("src",), "
              "source": ("src", "srcset"), "video": ("src", "poster"), "audio": ("src",), "track": ("src",),
              "input": ("src",), "object": ("data",), "link": ("href", "imagesrcset")}
 _CSS_URL = re.compile(r"""(?:url\(\s*['"]?|@import\s+['"])([^'")\s]+)""", re.I)
-_JS_URL = re.compile(r"""(?:https?:)?//[A-Za-z0-9.\-\[\]:]+[^\s'"`<>)]*""")
+# inside a script: an http(s) URL, or a protocol-relative one whose host has a dot and whose "//" does
+# not sit inside a base64 run (widget state and inline images in the built pages are full of "//")
+_JS_URL = re.compile(r"""https?://[A-Za-z0-9.\-\[\]:]+[^\s'"`<>)]*"""
+                     r"""|(?<![A-Za-z0-9+/=:])//[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+(?::\d+)?(?:/[^\s'"`<>)]*)?""")
 
 
 def is_offsite(url: str) -> bool:
@@ -117,6 +120,9 @@ PAGES = [
     ("paper-link", '<a href="https://doi.org/10.1007/978-3-030-90439-5_14">paper</a>', []),
     ("data-uri", '<img src="data:image/png;base64,AAAA">', []),
     ("comment-text", "<p>see https://example.org in the text</p>", []),
+    ("script-protocol-relative", "<script>var u = '//cdn.example.com/x.js';</script>", ["//cdn.example.com/x.js"]),
+    # base64 inside an inline script (widget state of the built book) is no URL
+    ("script-base64", "<script>var s = {'img': 'data:image/png;base64,AB//Xe42qm3YsIE/+//a.b=='};</script>", []),
 ]
 
 
@@ -179,3 +185,123 @@ def test_a_book_built_with_the_repository_config_loads_nothing_off_the_machine(t
     html = tmp_path / "_build" / "html"
     assert (html / "chapter.html").is_file() and "_static/mathjax/tex-mml-chtml.js" in (html / "intro.html").read_text()
     assert offsite_urls(html) == []
+
+
+# ------------------------------------------------------------------------------ the book runner
+
+
+def _tiny_notebook(path: Path, body: str) -> None:
+    from test_book import _notebook
+
+    _notebook(path, body)
+
+
+MALFORMED_STATES = [
+    ("list", "[]"),
+    ("string", '"state"'),
+    ("null", "null"),
+    ("notebooks-list", '{"version": 1, "notebooks": []}'),
+    ("entry-string", '{"version": 1, "notebooks": {"01_a": "done"}}'),
+    ("key-number", '{"version": 1, "notebooks": {"01_a": {"key": 5, "run_id": "r"}}}'),
+    ("seconds-text", '{"version": 1, "notebooks": {"01_a": {"key": "k", "run_id": "r", "seconds": "slow"}}}'),
+    ("old-version", '{"version": 0, "notebooks": {}}'),
+    ("not-json", "{\"version\": 1, "),
+]
+
+
+@pytest.mark.parametrize("case,text", MALFORMED_STATES, ids=[c for c, _ in MALFORMED_STATES])
+def test_a_malformed_state_file_is_treated_as_absent_with_a_warning(tmp_path, capsys, case, text):
+    """Before: a traceback (list, string, null, an entry that is no object) or silence (the rest)."""
+    from fasterkd.book import STATE_FILE, STATE_VERSION, read_state
+
+    (tmp_path / STATE_FILE).write_text(text)
+    assert read_state(tmp_path) == {"version": STATE_VERSION, "notebooks": {}}
+    err = capsys.readouterr().err
+    assert "warning" in err and STATE_FILE in err and "every notebook runs" in err
+
+
+def test_run_book_over_a_malformed_state_runs_every_notebook(tmp_path, capsys):
+    """The runner end to end over ``{"notebooks": {"01_a": "done"}}``. Before: AttributeError traceback."""
+    from fasterkd.book import STATE_FILE, run_book
+
+    nbs = tmp_path / "notebooks"
+    nbs.mkdir()
+    (tmp_path / "pkg").mkdir()
+    _tiny_notebook(nbs / "01_a.ipynb", "log('a')")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / STATE_FILE).write_text('{"version": 1, "notebooks": {"01_a": "done"}}')
+    lines: list[str] = []
+    r = run_book("smoke", run_dir=run, notebooks_dir=nbs, book_dir=tmp_path / "book", package_dir=tmp_path / "pkg",
+                 build=False, log=lines.append)
+    assert r.ran == ["01_a"] and (run / "log.txt").read_text().split() == ["a"]
+    assert "malformed" in capsys.readouterr().err
+
+
+def test_a_replaced_upstream_checkpoint_reruns_the_chapters_that_read_it(tmp_path):
+    """Chapter 02_search writes teacher/best.pt (fasterkd.runs.RUNS), 03_teacher_baseline reads it.
+    Replacing the checkpoint's bytes re-runs 03 (and not 02); rewriting the same bytes does not.
+    Before: '03_teacher_baseline: unchanged, skipped' on the replaced checkpoint."""
+    from fasterkd.book import run_book
+
+    nbs, pkg, run = tmp_path / "notebooks", tmp_path / "pkg", tmp_path / "run"
+    nbs.mkdir()
+    pkg.mkdir()
+    _tiny_notebook(nbs / "02_search.ipynb", "(Path(run_dir) / 'teacher').mkdir(exist_ok=True)\n"
+                                            "(Path(run_dir) / 'teacher' / 'best.pt').write_bytes(b'epoch 1')\nlog('search')")
+    _tiny_notebook(nbs / "03_teacher_baseline.ipynb",
+                   "log('baseline:' + (Path(run_dir) / 'teacher' / 'best.pt').read_text().replace(' ', '_'))")
+    lines: list[str] = []
+
+    def go():
+        r = run_book("smoke", run_dir=run, notebooks_dir=nbs, book_dir=tmp_path / "book", package_dir=pkg,
+                     build=False, log=lines.append)
+        log = run / "log.txt"
+        done = log.read_text().split() if log.exists() else []
+        log.unlink(missing_ok=True)
+        return r, done
+
+    r, done = go()
+    assert r.ran == ["02_search", "03_teacher_baseline"] and done == ["search", "baseline:epoch_1"]
+    r, done = go()
+    assert r.ran == [] and done == []
+    ckpt = run / "teacher" / "best.pt"
+    ckpt.write_bytes(b"epoch 2")  # a better teacher dropped into the run folder
+    lines.clear()
+    r, done = go()
+    assert r.ran == ["03_teacher_baseline"] and r.skipped == ["02_search"] and done == ["baseline:epoch_2"]
+    assert any("upstream artifacts changed: teacher/best.pt" in s for s in lines), lines
+    ckpt.write_bytes(b"epoch 2")  # same bytes, new mtime: nothing to redo
+    r, done = go()
+    assert r.ran == [] and done == []
+
+
+def test_run_dir_isolates_a_run_executed_copies_and_published_book_included(tmp_path, monkeypatch):
+    """With the default book folder, a run writes only under --run-dir: the book sources staged to
+    RUN/book, executed copies to RUN/book/executed, the build to RUN/_build. Before: the repository's
+    book/executed and _build were written by every run."""
+    from fasterkd import book
+
+    repo = tmp_path / "repo"
+    (repo / "book").mkdir(parents=True)
+    (repo / "book" / "intro.md").write_text("# Intro\n")
+    (repo / "book" / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n  - file: executed/01_a\n")
+    nbs, pkg = repo / "notebooks", repo / "fasterkd"
+    nbs.mkdir()
+    pkg.mkdir()
+    _tiny_notebook(nbs / "01_a.ipynb", "log('a')")
+    before = sorted(p.relative_to(repo) for p in repo.rglob("*"))
+    built: dict[str, Path] = {}
+
+    def fake_build(book_dir, config=None, output_dir=None, notebooks_dir=None, log=None):
+        built.update(book_dir=Path(book_dir), output_dir=Path(output_dir))
+        return Path(output_dir) / "_build" / "html"
+
+    monkeypatch.setattr(book, "ROOT", repo)
+    monkeypatch.setattr(book, "build_book", fake_build)
+    run = tmp_path / "elsewhere" / "run"
+    r = book.run_book("smoke", run_dir=run, notebooks_dir=nbs, package_dir=pkg, log=lambda s: None)
+    assert sorted(p.relative_to(repo) for p in repo.rglob("*")) == before  # nothing new in the repository
+    assert (run / "book" / "executed" / "01_a.ipynb").is_file() and (run / "book" / "intro.md").is_file()
+    assert built == {"book_dir": run / "book", "output_dir": run}
+    assert r.html == run / "_build" / "html"
