@@ -99,7 +99,7 @@ class Step:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return {k: float(v) for k, v in terms.items()}
+        return {k: float(v.detach()) for k, v in terms.items()}
 
 
 def timed_rounds(steps: dict[str, Step], rounds: int) -> dict[str, list[float]]:
