@@ -15,6 +15,11 @@ from typing import TYPE_CHECKING
 from fasterkd.config import OVERRIDES, PROFILES, STAGES
 from fasterkd.utils import parse_size
 
+# fasterkd.backends.BACKENDS, spelled here so that parsing needs no torch import (a test keeps them equal)
+BACKENDS = ("auto", "torch", "onnxruntime")
+BACKEND_HELP = ("auto (default): onnxruntime on CPU when installed, else torch | torch: BN-folded eager "
+                "channels_last | onnxruntime")
+
 if TYPE_CHECKING:
     from fasterkd.config import TrainConfig
     from fasterkd.engine.trainer import StageResult
@@ -204,7 +209,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from fasterkd.inference import evaluate_checkpoint
     from fasterkd.utils import atomic_write_json
 
-    result = evaluate_checkpoint(args.checkpoint, args.device, args.data_root, args.split, args.max_images)
+    result = evaluate_checkpoint(args.checkpoint, args.device, args.data_root, args.split, args.max_images,
+                                 args.backend)
     if args.json:
         atomic_write_json(args.json, result)
     print(f"mIoU {result['miou']:.4f}  pixel acc {result['pixel_acc']:.4f}  ({result['images']} images)")
@@ -218,7 +224,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from fasterkd.inference import predict_checkpoint
 
-    written = predict_checkpoint(args.checkpoint, [Path(p) for p in args.images], Path(args.out), args.device)
+    written = predict_checkpoint(args.checkpoint, [Path(p) for p in args.images], Path(args.out), args.device,
+                                 args.backend)
     print(f"wrote {len(written)} files to {args.out}")
     for path in written:
         print(f"  {path}")
@@ -293,6 +300,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     ev.add_argument("--device", default="auto")
     ev.add_argument("--max-images", dest="max_images", type=int, default=None)
     ev.add_argument("--json", type=Path, default=None, help="write the result here")
+    ev.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     ev.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="colour-coded predictions and overlays of images", epilog=EPILOG_PREDICT,
@@ -301,6 +309,7 @@ def _add_train_commands(sub: "argparse._SubParsersAction") -> None:
     pr.add_argument("images", nargs="+", help="image files or folders (every image under a folder, sorted)")
     pr.add_argument("--out", required=True)
     pr.add_argument("--device", default="auto")
+    pr.add_argument("--backend", choices=BACKENDS, default="auto", help=BACKEND_HELP)
     pr.set_defaults(func=_cmd_predict)
 
     ex = sub.add_parser("export", help="export a checkpoint to ONNX (checked with onnxruntime)", epilog=EPILOG_EXPORT,

@@ -78,6 +78,7 @@ class LossConfig:
     kd_temperature: float = 1.0
     fa_weight: float = 1.0
     fa_lambda: float = 0.8  # the lambda of Eq. 6
+    fa_q: int = 1  # the norm of Eq. 5: 1 as in the paper; 2 = squared FA loss (exact Gram path)
     fa_convnorm: bool = False  # §4.3 ablation: 1x1 conv + BN on both sides before the affinity
     ocr_aux_weight: float = 0.4  # HRNet-OCR's soft-object-region loss weight (official 0.4)
 
@@ -190,6 +191,8 @@ class TrainConfig:
             raise ValueError(f"head must be 'bilinear' or 'pixel_shuffle', got {self.model.head!r}")
         if self.loss.fa_weight < 0:
             raise ValueError(f"fa_weight (c of Eq. 10) must be >= 0, got {self.loss.fa_weight}")
+        if self.loss.fa_q not in (1, 2):
+            raise ValueError(f"fa_q (the norm of Eq. 5) must be 1 or 2, got {self.loss.fa_q!r}")
         if self.model.quarter_depth < 1:
             raise ValueError(f"quarter_depth must be >= 1, got {self.model.quarter_depth}")
         self.data.crop = parse_size(self.data.crop, "crop")
@@ -277,6 +280,7 @@ OVERRIDES: dict[str, str] = {
     "head": "model.head",
     "fa_weight": "loss.fa_weight",
     "fa_convnorm": "loss.fa_convnorm",
+    "fa_q": "loss.fa_q",
     "quarter_depth": "model.quarter_depth",
     # a few more everyday knobs
     "batch_size": "data.batch_size",

@@ -32,9 +32,10 @@ def inference_model(model: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 def evaluate_checkpoint(checkpoint: str | os.PathLike, device: str | torch.device = "auto",
                         data_root: str | None = None, split: str | None = None,
-                        max_images: int | None = None) -> dict[str, Any]:
+                        max_images: int | None = None, backend: str = "auto") -> dict[str, Any]:
     """mIoU, per-class IoU (null for a class absent from the split) and pixel accuracy of a checkpoint
-    at full resolution on ``split`` (default: its validation split) of its data (or ``data_root``)."""
+    at full resolution on ``split`` (default: its validation split) of its data (or ``data_root``),
+    run by the inference ``backend`` (:func:`fasterkd.backends.inference_backend`)."""
     from fasterkd.data.transforms import EvalTransform
     from fasterkd.evaluate import check_max_images
 
@@ -44,9 +45,10 @@ def evaluate_checkpoint(checkpoint: str | os.PathLike, device: str | torch.devic
     if data_root is not None:
         cfg.data.root = data_root
     ds = open_split(cfg.data, split or cfg.data.val_split, EvalTransform(), max_images=max_images)
-    result = run_evaluation(inference_model(model, cfg), torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False),
-                            device)
+    runner = checkpoint_runner(model, cfg, backend, device)
+    result = run_evaluation(runner, torch.utils.data.DataLoader(ds, batch_size=1, shuffle=False), device)
     result["checkpoint"] = str(checkpoint)
+    result["backend"] = runner.backend_name
     return strict_json(result)
 
 
@@ -91,18 +93,34 @@ def predict_images(model: nn.Module, paths: list[Path], out: Path, device: torch
     return written
 
 
+def checkpoint_runner(model: nn.Module, cfg: TrainConfig, backend: str, device: torch.device) -> nn.Module:
+    """The checkpoint's inference model on ``backend`` (``backend_name`` says which one runs); a
+    search's supernet (slimmable, not exportable) runs eagerly as it is."""
+    from fasterkd.backends import inference_backend, resolve_backend
+
+    name = resolve_backend(backend, device)
+    if cfg.model.name == "supernet":
+        if backend != "auto" and name != "torch":
+            raise ValueError(f"backend {backend!r}: a search checkpoint (supernet) runs with backend 'torch' only")
+        runner, name = inference_model(model, cfg), "eager"
+    else:
+        runner = inference_backend(inference_model(model, cfg), name, device)
+    runner.backend_name = name  # type: ignore[assignment]
+    return runner
+
+
 def predict_checkpoint(checkpoint: str | os.PathLike, images: list[Path], out: Path,
-                       device: str | torch.device = "auto") -> list[Path]:
-    """:func:`predict_images` with the model of a checkpoint. ``images`` are files or folders
-    (:func:`fasterkd.images.plan_predictions`): every one is checked before the model loads or
-    anything is written; returns exactly the files written."""
+                       device: str | torch.device = "auto", backend: str = "auto") -> list[Path]:
+    """:func:`predict_images` with the model of a checkpoint, run by the inference ``backend``.
+    ``images`` are files or folders (:func:`fasterkd.images.plan_predictions`): every one is
+    checked before the model loads or anything is written; returns exactly the files written."""
     from fasterkd.images import plan_predictions
 
     plan = plan_predictions(list(images))
     device = pick_device(device)
     model, cfg = load_checkpoint(checkpoint, device)
-    return predict_images(inference_model(model, cfg), [p for p, _ in plan], Path(out), device,
-                          stems=[s for _, s in plan])
+    runner = checkpoint_runner(model, cfg, backend, device)
+    return predict_images(runner, [p for p, _ in plan], Path(out), device, stems=[s for _, s in plan])
 
 
 class _MainLogits(nn.Module):

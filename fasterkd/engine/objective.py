@@ -90,7 +90,7 @@ class Objective(nn.Module):
                 s_feats = {k: v.float() for k, v in out.features.items()}
                 t_feats = {k: v.float() for k, v in t_out.features.items()}
                 terms["fa"] = cfg.loss.fa_weight * path_fa_loss(s_feats, t_feats, lam=cfg.loss.fa_lambda,
-                                                                convnorm=self.convnorm)
+                                                                convnorm=self.convnorm, q=cfg.loss.fa_q)
         else:
             raise ValueError(f"stage {stage!r} has no training objective here "
                              "(the search runs in fasterkd.engine.search)")
