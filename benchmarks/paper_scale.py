@@ -24,6 +24,7 @@ to itself.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/paper_scale.py [--only STAGE ...] [--timed K]
         [--limit-gb G] [--out benchmarks/results/paper_scale.json]
+    .venv/bin/python benchmarks/paper_scale.py --table benchmarks/results/paper_scale.json
 
 The JSON is rewritten after every stage, so an interrupted rehearsal keeps the stages it ran.
 """
@@ -170,7 +171,7 @@ def schedule(cfg, stage: str, crop: tuple[int, int], phase: str | None, batch: i
     """Epochs, iterations per epoch and optimiser steps of the full stage at the paper's batch:
     as the preset counts them (``iters_per_epoch`` when the config has it, else one pass over the
     2975 Cityscapes training images) and as FasterSeg's code counts them (1000 per training epoch;
-    ``max(2975 // 2 // batch, 400)`` per search epoch)."""
+    ``max(2975 // 2 // batch, 400)`` per search epoch; the teacher: HRNet's one pass)."""
     if stage == "search":
         epochs = cfg.search.pretrain_epochs if phase == "pretrain" else cfg.epochs
         one_pass = CITYSCAPES_TRAIN // 2 // batch  # each half of the split
@@ -178,7 +179,8 @@ def schedule(cfg, stage: str, crop: tuple[int, int], phase: str | None, batch: i
     else:
         epochs = cfg.epochs
         one_pass = CITYSCAPES_TRAIN // batch
-        fasterseg = FASTERSEG_TRAIN_ITERS
+        # the teacher follows HRNet's recipe, whose epoch is one pass (484 x 247 ~ 120k steps)
+        fasterseg = one_pass if stage == "teacher" else FASTERSEG_TRAIN_ITERS
     ipe = getattr(cfg, "iters_per_epoch", None)
     if ipe == "fasterseg":
         preset_ipe, source = fasterseg, "iters_per_epoch='fasterseg': max(2975 // 2 // batch, 400)"
@@ -356,6 +358,25 @@ def extrapolate(r: dict) -> None:
         r[f"hours_{key[6:]}_unloaded"] = steps * r["cpu_s_per_step"] / THREADS / 3600
 
 
+def markdown_rows(record: dict) -> str:
+    """The rehearsal's table (one row per stage that ran, or its failure) as Markdown."""
+    lines = ["| stage | crop | batch run / paper | s / step (wall) | CPU s / step | peak RSS (GiB) | memory / image (GiB) "
+             "| images / s (wall) | full-stage steps: preset / FasterSeg epochs | extrapolated hours (wall / unloaded) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in record["stages"]:
+        crop = "x".join(str(c) for c in r["crop"])
+        if r.get("status") != "ok":
+            lines.append(f"| {r['name']} | {crop} | {r.get('status')}: {str(r.get('error', ''))[:80]} |||||||")
+            continue
+        sch, mp = r["schedule"], r["memory_probe"]
+        lines.append(
+            f"| {r['name']} | {crop} | {r['batch_run']} / {r['paper_batch']} | {r['s_per_step']:.1f} | "
+            f"{r['cpu_s_per_step']:.1f} | {r['peak_bytes'] / 2**30:.2f} | {mp['per_image_bytes'] / 2**30:.2f} | "
+            f"{r['images_per_s']:.3f} | {sch['steps_preset']:,} / {sch['steps_fasterseg']:,} | "
+            f"{r['hours_fasterseg']:,.0f} / {r['hours_fasterseg_unloaded']:,.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", help="row names or stages to run (default: all)")
@@ -365,8 +386,12 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per stage")
     ap.add_argument("--work", default=None, help="folder for frames and guide checkpoints (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_scale.json"))
+    ap.add_argument("--table", metavar="JSON", help="print the Markdown table of a written JSON and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.table:
+        print(markdown_rows(json.loads(Path(args.table).read_text())))
+        return 0
     if args.worker:
         print("RESULT " + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
