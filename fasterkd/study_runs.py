@@ -238,8 +238,7 @@ def conclusions(results: Sequence[PairedDifference]) -> list[str]:
     lines = []
     for r in results:
         paper = "" if r.paper is None else f" (the paper: {r.paper:+.1f})"
-        lines.append(f"{r.claim}: {r.verdict()}{paper}." if r.resolved else
-                     f"{r.claim}: the study cannot tell ({r.verdict()}){paper}.")
+        lines.append(f"{r.claim}: {'' if r.resolved else 'the study '}{r.verdict()}{paper}.")
     return lines
 
 
