@@ -1,7 +1,7 @@
 # fasterkd: two commands do everything on a fresh machine.
 #   make book   create .venv, install, fetch the book's browser assets, run the notebooks, build the book
 #   make test   the same set-up plus headless Chromium, then the test suite
-# Options: make book PROFILE=quick|smoke|paper DATA=/path/to/cityscapes DEVICE=auto|cpu|cuda
+# Options: make book PROFILE=quick|smoke|study|paper DATA=/path/to/cityscapes DEVICE=auto|cpu|cuda
 #          make book FORCE=1 (re-run every notebook), make book ONLY=06_fa_histograms,
 #          make book DRY=1 (list what would run)
 SHELL   := /bin/bash
@@ -26,7 +26,7 @@ MATHJAX      := mathjax@3.2.2
 
 .PHONY: help book test test-fast venv assets browser clean distclean
 help:
-	@echo "make book [PROFILE=quick|smoke|paper] [DATA=/path/to/cityscapes] [DEVICE=auto|cpu|cuda] [FORCE=1] [ONLY=name] [DRY=1]"
+	@echo "make book [PROFILE=quick|smoke|study|paper] [DATA=/path/to/cityscapes] [DEVICE=auto|cpu|cuda] [FORCE=1] [ONLY=name] [DRY=1]"
 	@echo "make test      everything incl. notebooks (smoke), the book build and headless Chromium"
 	@echo "make test-fast unit tests only (-m 'not slow')"
 

@@ -62,6 +62,7 @@ RUNS: Mapping[str, Run] = {r.name: r for r in (
     Run("head_bilinear", "08_pixel_shuffle"),
     Run("beyond_ps_fa", "09_beyond"),
     Run("beyond_fa_q2", "09_beyond"),
+    Run("study", "11_study", artifact="summary.json"),
 )}
 
 

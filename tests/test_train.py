@@ -270,3 +270,12 @@ def test_a_recipe_sees_only_its_own_scenes_of_a_grown_synthetic_cache(tmp_path, 
     assert len(train) == cfg.data.synthetic_train == 4
     assert [train.base[i]["name"] for i in range(4)] == [f"synth_{cfg.data.synthetic_seed}_{i:06d}" for i in range(4)]
     assert len(build_val_loader(cfg).dataset) == cfg.data.synthetic_val
+
+
+def test_eval_every_zero_keeps_the_last_epoch_as_best(tmp_path, tiny_arch):
+    # no epoch is scored, so best.pt must follow the latest weights (it stayed at epoch 1 before)
+    from fasterkd.engine.checkpoint import read_checkpoint
+
+    res = run_stage(smoke("baseline", tmp_path / "run", kd_weight=0.0, arch=tiny_arch, epochs=3, eval_every=0))
+    assert read_checkpoint(res.best)["epoch"] == 3 == read_checkpoint(res.last)["epoch"]
+    assert res.eval["checkpoint"] == str(res.best)

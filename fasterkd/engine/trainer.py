@@ -274,7 +274,8 @@ class Trainer:
                     row["ddp_max_weight_diff"] = ddp_max_weight_diff(self.model, info)
                 log.add(row)
                 score = row.get("val_miou", -1.0)
-                improved = score > best or not best_path.exists()
+                # eval_every=0 scores no epoch: the latest weights are then the best known ones
+                improved = score > best or not best_path.exists() or not cfg.eval_every
                 best = max(best, score)
                 if info.main:
                     save_epoch(self._state(epoch + 1, step, best, log.rows), last, best_path, improved)

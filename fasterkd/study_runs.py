@@ -1,0 +1,249 @@
+"""The embedded study's runs: for every seed of the profile, the paired arms of each claim, trained
+into ``<run_dir>/study/<seed>/<arm>/``, and the claims measured from them.
+
+Per seed ``s`` (every run of the seed starts from ``seed = s``, so the two arms of a pair share
+their initialisation and data order and differ in one knob):
+
+- ``baseline`` (Eq. 8) and ``tutor`` from it (Eq. 9): claim 1, Table 1;
+- ``student_c1`` and ``student_c0`` from the baseline with the tutor (Eq. 10, c = 1 and c = 0,
+  same tutor KL and epochs): claim 2, Table 2; ``student_scratch`` (c = 1, no init): claim 2b;
+- ``head_ps`` and ``head_bilinear`` from the baseline, the same epochs: claim 3, Table 3;
+- ``student_convnorm`` (c = 1 with ConvNorm): claim 4, the share of S_ij near 1 (Fig. 4);
+- claim 5: the per-class gain of c = 1 over c = 0 on thin and small against large classes.
+
+Every run of the study trains with ``torch.set_num_threads(threads)`` (results depend on the
+thread count), recorded in ``study/summary.json``. A run whose ``eval.json`` exists and whose saved
+config is the one asked for is read back, not retrained.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from fasterkd.config import PROFILES, TrainConfig, preset
+from fasterkd.stats import PairedDifference, paired_difference, share_near
+from fasterkd.study import class_group_gains, iou_matrix, paper_differences
+from fasterkd.utils import atomic_write_json, strict_json
+
+#: the seeds of each profile, fixed up front: all are trained and reported, none dropped
+STUDY_SEEDS: Mapping[str, tuple[int, ...]] = {
+    "smoke": (12345, 12346),  # the fewest that give an interval: the tests train it (minutes)
+    "quick": (12345, 12346, 12347),
+    "study": tuple(range(12345, 12357)),
+    "paper": (12345, 12346, 12347),
+}
+#: torch threads of every study run (both arms of a pair train with the same count)
+STUDY_THREADS = 2
+#: the runs of one seed, in training order
+ARMS = ("baseline", "tutor", "student_c1", "student_c0", "student_scratch", "student_convnorm",
+        "head_ps", "head_bilinear")
+#: (claim, better arm, control arm) of the mIoU claims; names match study.paper_differences()
+MIOU_CLAIMS = (
+    ("tutor - baseline", "tutor", "baseline"),
+    ("FA c=1 - c=0", "student_c1", "student_c0"),
+    ("from baseline - from scratch", "student_c1", "student_scratch"),
+    ("pixel shuffle - bilinear", "head_ps", "head_bilinear"),
+)
+CONVNORM_CLAIM = "ConvNorm: share of S near 1"
+SHARE_UNIT = "percentage points"
+NEAR_ONE_TOL = 0.05  # |S_ij - 1| <= 0.05 counts as "near 1"
+FA_GAIN = "FA c=1 - c=0"
+
+
+def study_seeds(profile: str) -> tuple[int, ...]:
+    """The seeds of ``profile`` (:data:`STUDY_SEEDS`)."""
+    if profile not in STUDY_SEEDS:
+        raise ValueError(f"profile must be one of {sorted(STUDY_SEEDS)} (known profiles {PROFILES}), "
+                         f"got {profile!r}")
+    return STUDY_SEEDS[profile]
+
+
+def seed_dir(run_dir: str | Path, seed: int) -> Path:
+    """``<run_dir>/study/<seed>``: the runs of one seed."""
+    return Path(run_dir) / "study" / str(int(seed))
+
+
+def arm_configs(profile: str, seed: int, run_dir: str | Path, teacher: str, arch: str | None = None,
+                data_root: str = "", device: str = "auto") -> dict[str, TrainConfig]:
+    """The :data:`ARMS` of ``seed`` as configs (paths of the runs they read point into the seed's
+    folder; a run reads them once the earlier arms have trained)."""
+    folder = seed_dir(run_dir, seed)
+    base, tutor = str(folder / "baseline" / "best.pt"), str(folder / "tutor" / "best.pt")
+    common = dict(seed=int(seed), arch=arch, data_root=data_root, device=device, progress=False)
+
+    def cfg(stage: str, arm: str, **kw: Any) -> TrainConfig:
+        return preset(stage, profile, out_dir=str(folder / arm), **common, **kw)
+
+    student = dict(tutor=tutor, fa_weight=1.0)
+    return {
+        "baseline": cfg("baseline", "baseline", teacher=teacher),
+        "tutor": cfg("tutor", "tutor", teacher=teacher, init=base),
+        "student_c1": cfg("student", "student_c1", init=base, **student),
+        "student_c0": cfg("student", "student_c0", init=base, **{**student, "fa_weight": 0.0}),
+        "student_scratch": cfg("student", "student_scratch", init=None, **student),
+        "student_convnorm": cfg("student", "student_convnorm", init=base, fa_convnorm=True, **student),
+        "head_ps": cfg("head", "head_ps", teacher=teacher, init=base),
+        "head_bilinear": cfg("head", "head_bilinear", teacher=teacher, init=base, head="bilinear"),
+    }
+
+
+def _comparable(d: Mapping[str, Any]) -> dict[str, Any]:
+    # where a run ran and how it reported progress do not change what it trained
+    return {k: v for k, v in d.items() if k not in ("device", "progress")}
+
+
+def finished(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The final evaluation of ``cfg``'s run folder if it trained exactly ``cfg``, else None."""
+    out = Path(cfg.out_dir)
+    ev, saved = out / "eval.json", out / "config.json"
+    if not (ev.is_file() and saved.is_file() and (out / "best.pt").is_file()):
+        return None
+    if _comparable(json.loads(saved.read_text())) != _comparable(cfg.to_dict()):
+        return None
+    return json.loads(ev.read_text())
+
+
+@contextlib.contextmanager
+def pinned_threads(threads: int) -> Iterator[None]:
+    """``torch.set_num_threads(threads)`` inside the block, the previous count after it."""
+    if int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_seed(configs: Mapping[str, TrainConfig], threads: int = STUDY_THREADS) -> dict[str, dict[str, Any]]:
+    """Train (or read back, :func:`finished`) the arms of one seed in :data:`ARMS` order; returns
+    each arm's final evaluation."""
+    from fasterkd.train import run_stage
+
+    missing = [a for a in ARMS if a not in configs]
+    if missing:
+        raise ValueError(f"configs: arms {missing} are missing (expected {list(ARMS)})")
+    evals: dict[str, dict[str, Any]] = {}
+    with pinned_threads(threads):
+        for arm in ARMS:
+            got = finished(configs[arm])
+            evals[arm] = got if got is not None else run_stage(configs[arm]).eval
+    return evals
+
+
+def convnorm_shares(folder: str | Path, images: int = 1, max_pixels: int = 256, data_root: str = "",
+                    tol: float = NEAR_ONE_TOL) -> tuple[float, float]:
+    """Claim 4 for one seed: the share (%) of S_ij within ``tol`` of 1, student and tutor sides of
+    every Eq. 6 path pooled, for the ConvNorm student seen through its ConvNorm and for the plain
+    c = 1 student. Returns (with ConvNorm, without)."""
+    from fasterkd.histograms import PATH_LABELS, compute_fa_histograms
+
+    data = compute_fa_histograms(folder, images=images, data_root=data_root, device="cpu",
+                                 students=("student_c1", "student_convnorm"), max_pixels=max_pixels)
+
+    def share(checkpoint: str, convnorm: bool) -> float:
+        pooled = []
+        for path in PATH_LABELS:
+            v = data.values(checkpoint, convnorm, path)
+            pooled += [v.student.numpy(), v.tutor.numpy()]
+        return 100.0 * share_near(np.concatenate(pooled), 1.0, tol)
+
+    return share("student_convnorm", True), share("student_c1", False)
+
+
+def measure(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]],
+            shares: Mapping[int, tuple[float, float]] | None = None, *, paper_size: str = "256x512",
+            method: str = "t") -> tuple[list[PairedDifference], list[str]]:
+    """The claims from the runs' evaluations (``per_seed[seed][arm]`` an eval.json mapping) and the
+    ConvNorm shares of :func:`convnorm_shares` (``shares[seed]``); returns the paired differences
+    in the forest plot's order and notes on any claim that could not be measured."""
+    seeds = sorted(per_seed)
+    if len(seeds) < 2:
+        raise ValueError(f"per_seed: a paired interval needs at least 2 seeds, got {len(seeds)}")
+    paper = paper_differences(paper_size)
+    out, notes = [], []
+
+    def miou(arm: str) -> list[float]:
+        return [100.0 * float(per_seed[s][arm]["miou"]) for s in seeds]
+
+    for claim, a, b in MIOU_CLAIMS:
+        out.append(paired_difference(miou(a), miou(b), claim=claim, method=method, seeds=seeds,
+                                     paper=paper.get(claim)))
+    if shares is not None:
+        if sorted(shares) != seeds:
+            raise ValueError(f"shares: seeds {sorted(shares)} differ from the runs' seeds {seeds}")
+        out.append(paired_difference([shares[s][0] for s in seeds], [shares[s][1] for s in seeds],
+                                     claim=CONVNORM_CLAIM, unit=SHARE_UNIT, method=method, seeds=seeds))
+    try:
+        groups = class_group_gains(iou_matrix([per_seed[s]["student_c1"] for s in seeds]),
+                                   iou_matrix([per_seed[s]["student_c0"] for s in seeds]),
+                                   claim=FA_GAIN, method=method, seeds=seeds)
+    except ValueError as exc:  # a group with no class seen in every seed of both runs
+        notes.append(f"claim 5 (per class) cannot be measured: {exc}")
+    else:
+        out += list(groups.results)
+        if groups.excluded:
+            notes.append("claim 5 leaves out classes without an IoU in every seed: " + ", ".join(groups.excluded))
+    return out, notes
+
+
+def run_study(profile: str, run_dir: str | Path, teacher: str, arch: str | None = None, data_root: str = "",
+              device: str = "auto", seeds: Sequence[int] | None = None, threads: int = STUDY_THREADS,
+              convnorm_images: int = 1) -> dict[str, Any]:
+    """Train every arm of every seed (:func:`train_seed`), measure the claims (:func:`measure`) and
+    write ``<run_dir>/study/summary.json``. Returns ``{"results", "notes", "miou", "threads", "seeds"}``
+    (``miou[arm]``: the per-seed mIoU %, in seed order)."""
+    seeds = tuple(study_seeds(profile) if seeds is None else seeds)
+    per_seed, shares = {}, {}
+    for s in seeds:
+        per_seed[s] = train_seed(arm_configs(profile, s, run_dir, teacher, arch, data_root, device), threads)
+        with pinned_threads(threads):
+            shares[s] = convnorm_shares(seed_dir(run_dir, s), images=convnorm_images, data_root=data_root)
+    results, notes = measure(per_seed, shares)
+    miou = {arm: [100.0 * float(per_seed[s][arm]["miou"]) for s in seeds] for arm in ARMS}
+    summary = {
+        "profile": profile, "seeds": list(seeds), "threads": int(threads), "miou": miou,
+        "convnorm_share": {str(s): list(shares[s]) for s in seeds}, "notes": notes,
+        "claims": [{"claim": r.claim, "unit": r.unit, "differences": list(r.differences), "mean": r.mean,
+                    "lo": r.lo, "hi": r.hi, "method": r.method, "resolved": r.resolved,
+                    "paper": r.paper} for r in results],
+    }
+    atomic_write_json(Path(run_dir) / "study" / "summary.json", strict_json(summary))
+    return {"results": results, "notes": notes, "miou": miou, "threads": int(threads), "seeds": seeds}
+
+
+def arm_table(miou: Mapping[str, Sequence[float]], seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per arm: its mIoU % per seed and the mean (for the chapter's table of runs)."""
+    rows = []
+    for arm, values in miou.items():
+        if len(values) != len(seeds):
+            raise ValueError(f"miou[{arm!r}]: {len(values)} values for {len(seeds)} seeds")
+        row: dict[str, Any] = {"run": arm}
+        row.update({str(s): v for s, v in zip(seeds, values)})
+        row["mean"] = float(np.mean(values)) if values else math.nan
+        rows.append(row)
+    return rows
+
+
+def conclusions(results: Sequence[PairedDifference]) -> list[str]:
+    """One sentence per claim, from its interval: "resolved" only when it excludes zero."""
+    lines = []
+    for r in results:
+        paper = "" if r.paper is None else f" (the paper: {r.paper:+.1f})"
+        lines.append(f"{r.claim}: {'' if r.resolved else 'the study '}{r.verdict()}{paper}.")
+    return lines
+
+
+__all__ = [
+    "STUDY_SEEDS", "STUDY_THREADS", "ARMS", "MIOU_CLAIMS", "CONVNORM_CLAIM", "SHARE_UNIT", "study_seeds",
+    "seed_dir", "arm_configs", "finished", "pinned_threads", "train_seed", "convnorm_shares", "measure",
+    "run_study", "arm_table", "conclusions",
+]
