@@ -180,9 +180,7 @@ def epoch_batches(ds: torch.utils.data.Dataset, cfg: TrainConfig, epoch: int, in
     (seed, epoch, p)), as many as the steps need; one pass when ``iters_per_epoch`` is None."""
     done, repeat = 0, 0
     while done < steps:
-        loader = epoch_loader(ds, cfg, epoch, info, salt=salt, repeat=repeat)
-        if len(loader) == 0:
-            raise ValueError(f"a pass over {len(ds)} images gives no batch of {cfg.data.batch_size}")
+        loader = epoch_loader(ds, cfg, epoch, info, salt=salt, repeat=repeat)  # >= 1 batch: it checks the size
         for batch in loader:
             yield batch
             done += 1
