@@ -46,7 +46,7 @@ def resume_hint() -> str:
     """The command that resumes this process's run: its CLI command with ``--resume``, or the
     library call when not run from the CLI."""
     argv = sys.argv
-    if argv and ("fasterkd" in Path(argv[0]).name or argv[0].endswith(("fasterkd/__main__.py", "cli.py"))):
+    if "fasterkd.cli" in sys.modules and argv[1:2] in (["train"], ["search"]):  # a fasterkd CLI process
         args = [a for a in argv[1:] if a != "--overwrite"]
         if "--resume" not in args:
             args.append("--resume")

@@ -290,13 +290,17 @@ class Searcher:
         sums: dict[str, float] = {}
         t0, images, local_images = time.perf_counter(), 0, 0
         bar = progress_bar(n, f"{'search' if searching else 'pretrain'} {epoch + 1}", cfg.progress, self.info.main)
+        rng = rng_state() if self._partial else None
         it_a = iter(loader_a) if loader_a is not None else None
+        it_w = iter(loader_w)  # iterators draw their base seed from the global RNG
+        if rng is not None:  # the interrupted run's RNG snapshot already includes those draws
+            set_rng_state(rng)
         lr = self.w_opt.param_groups[0]["lr"]
         ac = dict(device_type=dev.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         skip, self._partial = self._partial or {"batch": 0}, None  # an interrupted epoch: its first steps are done
         if skip["batch"]:
             sums, images = dict(skip["sums"]), int(skip["images"])
-        for i, batch in enumerate(loader_w):
+        for i, batch in enumerate(it_w):
             if i >= n:
                 break
             if i < skip["batch"]:

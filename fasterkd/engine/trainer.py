@@ -308,7 +308,11 @@ class Trainer:
         skip, self._partial = self._partial or {"batch": 0}, None  # an interrupted epoch: its first steps are done
         if skip["batch"]:
             sums, images = dict(skip["sums"]), int(skip["images"])
-        for i, batch in enumerate(loader):
+        rng = rng_state() if skip["batch"] else None
+        batches = iter(loader)  # draws the loader's base seed from the global RNG
+        if rng is not None:  # the interrupted run's RNG snapshot already includes that draw
+            set_rng_state(rng)
+        for i, batch in enumerate(batches):
             if i >= n_steps:
                 break
             if i < skip["batch"]:
