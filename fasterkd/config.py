@@ -155,7 +155,7 @@ class TrainConfig:
     guide: GuideConfig = field(default_factory=GuideConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     amp: str = "auto"  # auto (bf16 on CUDA when supported) | bf16 | fp16 | off
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # on CUDA only (on CPU: no clear gain, benchmarks/train_step.py)
     compile: bool = False
     eval_every: int = 1  # validate every N epochs (0: only the final evaluation)
     final_eval: bool = True

@@ -109,8 +109,14 @@ def test_eval_prints_and_writes_miou_and_19_ious(chain, capsys):
     assert f"mIoU {result['miou']:.4f}" in out
     for name in CLASS_NAMES:
         assert name in out
-    # the same numbers as the stage's own final evaluation of that checkpoint
-    assert result["miou"] == pytest.approx(json.loads((run / "student" / "eval.json").read_text())["miou"])
+    # the same numbers as the stage's own final evaluation of that checkpoint: exactly with the torch
+    # backend (BN folding and channels_last round differently, but not enough to flip an argmax here);
+    # the default (onnxruntime) can flip the argmax of near-tied logits of a barely trained network
+    stage_miou = json.loads((run / "student" / "eval.json").read_text())["miou"]
+    assert result["miou"] == pytest.approx(stage_miou, abs=5e-3)
+    cli("eval", run / "student" / "best.pt", "--backend", "torch", "--json", target)
+    torch_result = json.loads(target.read_text())
+    assert torch_result["backend"] == "torch" and torch_result["miou"] == pytest.approx(stage_miou)
 
 
 def test_predict_writes_pngs_of_the_input_size(chain, capsys, tmp_path):
