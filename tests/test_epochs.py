@@ -106,5 +106,8 @@ def test_downsampling_shrinks_image_and_label_before_the_crop():
     assert ev_img.shape == (3, 20, 30) and torch.equal(ev_lab, lab)
     with pytest.raises(ValueError, match="downsample must be an int >= 1"):
         TrainTransform(crop=(8, 8), downsample=0)
+    # a typed override refuses 1.5 as it is set; validate() refuses a value out of range
+    with pytest.raises(ValueError, match="data.downsample: expected an integer, got 1.5"):
+        preset("search", "smoke", downsample=1.5)
     with pytest.raises(ValueError, match="data.downsample must be an int >= 1"):
-        preset("search", "smoke", downsample=1.5).validate()
+        preset("search", "smoke", downsample=0).validate()
