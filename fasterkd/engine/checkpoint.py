@@ -19,7 +19,7 @@ from torch import nn
 
 import fasterkd
 from fasterkd.config import TrainConfig
-from fasterkd.utils import atomic_torch_save_all, jsonable, load_verified, pick_device, read_checksums
+from fasterkd.utils import atomic_torch_save, atomic_torch_save_all, jsonable, load_verified, pick_device, read_checksums
 
 CHECKPOINT_FORMAT = "fasterkd-checkpoint-v1"
 
