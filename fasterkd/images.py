@@ -20,8 +20,9 @@ from pathlib import Path
 
 #: suffixes read as images inside a folder argument (a file given by name is opened whatever its suffix)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-#: the student's 1/32 branch needs a 2x2 feature map (zoomed convolutions): 64 pixels per side
-MIN_SIDE = 64
+#: the student's 1/32 branch needs a 2x2 feature map (zoomed convolutions); the networks pad their
+#: input to a multiple of 32, so 33 pixels (padded to 64) is the smallest side that works
+MIN_SIDE = 33
 #: the largest side accepted (as the synthetic renderer's cap); larger inputs exhaust memory
 MAX_SIDE = 8192
 
@@ -30,8 +31,8 @@ def check_input_size(size: tuple[int, int], name: str) -> tuple[int, int]:
     """``size`` (H, W) within [MIN_SIDE, MAX_SIDE] per side, else a ``ValueError`` naming ``name``."""
     h, w = (int(v) for v in size)
     if h < MIN_SIDE or w < MIN_SIDE:
-        raise ValueError(f"{name} must be at least {MIN_SIDE}x{MIN_SIDE} (the network's 1/32 branch needs "
-                         f"2x2 pixels), got {h}x{w}")
+        raise ValueError(f"{name} must be at least {MIN_SIDE}x{MIN_SIDE} (padded to a multiple of 32, "
+                         f"the network's 1/32 branch needs 2x2 pixels), got {h}x{w}")
     if h > MAX_SIDE or w > MAX_SIDE:
         raise ValueError(f"{name} must be at most {MAX_SIDE}x{MAX_SIDE}, got {h}x{w}")
     return h, w

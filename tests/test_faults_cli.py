@@ -232,7 +232,7 @@ def _bad_inputs(tmp: Path) -> dict[str, tuple[Path, str]]:
     return {
         "text-named-png": (text, "not an image file"),
         "truncated": (trunc, "cannot be decoded"),
-        "too-small": (_image(tmp / "small.png", 20, 30), "at least 64x64"),
+        "too-small": (_image(tmp / "small.png", 20, 30), "at least 33x33"),
         "impossible-size": (_png_header_only(tmp / "huge.png", 100_000, 100_000), "too large"),
         "oversize": (_png_header_only(tmp / "big.png", 9000, 9000), "at most 8192x8192"),
         "missing": (tmp / "nope.png", "not found"),

@@ -308,15 +308,16 @@ class Trainer:
         skip, self._partial = self._partial or {"batch": 0}, None  # an interrupted epoch: its first steps are done
         if skip["batch"]:
             sums, images = dict(skip["sums"]), int(skip["images"])
+            local_images = images // self.info.world  # every rank's batches have the same size
         rng = rng_state() if skip["batch"] else None
-        batches = iter(loader)  # draws the loader's base seed from the global RNG
-        if rng is not None:  # the interrupted run's RNG snapshot already includes that draw
+        batches = iter(loader)
+        for _ in range(skip["batch"]):  # fast-forward over the done steps: each new pass draws a
+            next(batches)               # loader seed from the global RNG, which the snapshot holds
+        if rng is not None:  # the interrupted run's RNG as it was before its next batch
             set_rng_state(rng)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(batches, start=skip["batch"]):
             if i >= n_steps:
                 break
-            if i < skip["batch"]:
-                continue
             image = batch["image"].to(dev, non_blocking=True)
             label = batch["label"].to(dev, non_blocking=True)
             if dev.type == "cuda" and cfg.channels_last:
