@@ -245,7 +245,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None, help="YAML/JSON file of options (preset names or dotted paths)")
-    p.add_argument("--profile", choices=PROFILES, default=None, help="smoke | quick (default) | paper")
+    p.add_argument("--profile", choices=PROFILES, default=None, help="smoke | quick (default) | study | paper")
     p.add_argument("--data-root", dest="data_root", default=None, help="Cityscapes-layout root; '' = synthetic")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:1")
     p.add_argument("--out", dest="out_dir", default=None, help="output folder")
