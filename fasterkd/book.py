@@ -511,7 +511,7 @@ def run_book(
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", choices=PROFILES, default="quick", help="smoke | quick (default) | paper")
+    p.add_argument("--profile", choices=PROFILES, default="quick", help="smoke | quick (default) | study | paper")
     p.add_argument("--run-dir", default=None,
                    help="run folder (default runs/book-<profile>); the run writes only there, the book to RUN/_build/html")
     p.add_argument("--data-root", default="", help="Cityscapes root; empty = the embedded synthetic scenes")
