@@ -135,7 +135,9 @@ def train_seed(configs: Mapping[str, TrainConfig], threads: int = STUDY_THREADS)
     with pinned_threads(threads):
         for arm in ARMS:
             got = finished(configs[arm])
-            evals[arm] = got if got is not None else run_stage(configs[arm]).eval
+            # an arm whose folder holds anything else (an interrupted or older run) is retrained from
+            # scratch, as runs.train_variant does
+            evals[arm] = got if got is not None else run_stage(configs[arm], overwrite=True).eval
     return evals
 
 

@@ -179,3 +179,10 @@ def test_smoke_study_trains_every_arm_and_builds_the_forest_plot(tmp_path):
     again = sr.run_study("smoke", tmp_path, str(teacher.best), device="cpu", threads=1)  # read back
     assert best.stat().st_mtime_ns == stamp
     assert [r.differences for r in again["results"]] == [r.differences for r in out["results"]]
+    # an arm interrupted before its final evaluation (a killed book) is retrained, not refused as
+    # "a folder holding another run"
+    arm = tmp_path / "study" / str(seeds[0]) / "head_ps"
+    (arm / "eval.json").unlink()
+    third = sr.run_study("smoke", tmp_path, str(teacher.best), device="cpu", threads=1)
+    assert (arm / "eval.json").is_file()
+    assert [r.differences for r in third["results"]] == [r.differences for r in out["results"]]
