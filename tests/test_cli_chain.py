@@ -141,8 +141,10 @@ def test_export_onnx_matches_onnxruntime(chain, capsys, tmp_path):
     target = tmp_path / "student.onnx"
     printed = cli("export", run / "student" / "best.pt", "--format", "onnx", "--out", target, "--input", "64x128")
     assert target.is_file()
-    diff = float(printed.split("max abs difference ")[1].split()[0])
-    assert diff < 1e-4
+    rel = float(printed.split(" relative ")[1].split()[0])
+    # two runtimes' float32 kernels round differently by CPU (CI's machine: 8.5e-4 absolute, over
+    # 1e-4); a wrong graph is off by the logits' own size, relative ~1
+    assert rel < 1e-3, printed
     assert "(output [1, 19, 64, 128])" in printed
 
 
