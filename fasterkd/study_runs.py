@@ -1,5 +1,6 @@
 """The embedded study's runs: for every seed of the profile, the paired arms of each claim, trained
-into ``<run_dir>/study/<seed>/<arm>/``, and the claims measured from them.
+into ``<run_dir>/study/<seed>/<arm>/`` (or read from the chapters' runs), and the claims measured
+from them.
 
 Per seed ``s`` (every run of the seed starts from ``seed = s``, so the two arms of a pair share
 their initialisation and data order and differ in one knob):
@@ -13,7 +14,9 @@ their initialisation and data order and differ in one knob):
 
 Every run of the study trains with ``torch.set_num_threads(threads)`` (results depend on the
 thread count), recorded in ``study/summary.json``. A run whose ``eval.json`` exists and whose saved
-config is the one asked for is read back, not retrained.
+config is the one asked for is read back, not retrained. The chapters' own runs are the arms of
+the default seed (:func:`chapter_arms`) when all of them match: that seed is read, not trained
+twice (its arms then ran at the chapters' thread count, the same for both arms of every pair).
 """
 
 from __future__ import annotations
@@ -71,10 +74,10 @@ def seed_dir(run_dir: str | Path, seed: int) -> Path:
 
 
 def arm_configs(profile: str, seed: int, run_dir: str | Path, teacher: str, arch: str | None = None,
-                data_root: str = "", device: str = "auto") -> dict[str, TrainConfig]:
-    """The :data:`ARMS` of ``seed`` as configs (paths of the runs they read point into the seed's
-    folder; a run reads them once the earlier arms have trained)."""
-    folder = seed_dir(run_dir, seed)
+                data_root: str = "", device: str = "auto", folder: str | Path | None = None) -> dict[str, TrainConfig]:
+    """The :data:`ARMS` of ``seed`` as configs, trained into ``folder`` (default :func:`seed_dir`);
+    the paths of the runs they read point into it (a run reads them once the earlier arms trained)."""
+    folder = Path(folder) if folder is not None else seed_dir(run_dir, seed)
     base, tutor = str(folder / "baseline" / "best.pt"), str(folder / "tutor" / "best.pt")
     common = dict(seed=int(seed), arch=arch, data_root=data_root, device=device, progress=False)
 
@@ -92,6 +95,19 @@ def arm_configs(profile: str, seed: int, run_dir: str | Path, teacher: str, arch
         "head_ps": cfg("head", "head_ps", teacher=teacher, init=base),
         "head_bilinear": cfg("head", "head_bilinear", teacher=teacher, init=base, head="bilinear"),
     }
+
+
+def chapter_arms(profile: str, seed: int, run_dir: str | Path, teacher: str, arch: str | None = None,
+                data_root: str = "", device: str = "auto") -> dict[str, TrainConfig] | None:
+    """The arms of ``seed`` as the chapters' own runs (``<run_dir>/<arm>``: the chapters name their
+    runs as the study names its arms), when every one of them finished with exactly the config the
+    study asks for (:func:`finished`); else None and the seed trains in :func:`seed_dir`.
+
+    The chapters train with the default seed, so the study reads that seed back instead of training
+    it twice (the same config gives the same run: the quick book's seed-12345 arms matched the
+    chapters' runs to every digit). All or none: a pair never mixes a chapter run and a study run."""
+    configs = arm_configs(profile, seed, run_dir, teacher, arch, data_root, device, folder=run_dir)
+    return configs if all(finished(c) is not None for c in configs.values()) else None
 
 
 def _comparable(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -201,25 +217,39 @@ def run_study(profile: str, run_dir: str | Path, teacher: str, arch: str | None 
               device: str = "auto", seeds: Sequence[int] | None = None, threads: int = STUDY_THREADS,
               convnorm_images: int = 1) -> dict[str, Any]:
     """Train every arm of every seed (:func:`train_seed`), measure the claims (:func:`measure`) and
-    write ``<run_dir>/study/summary.json``. Returns ``{"results", "notes", "miou", "threads", "seeds"}``
-    (``miou[arm]``: the per-seed mIoU %, in seed order)."""
+    write ``<run_dir>/study/summary.json``. Returns ``{"results", "notes", "miou", "threads", "seeds",
+    "folders"}`` (``miou[arm]``: the per-seed mIoU %, in seed order; ``folders[seed]``: where its
+    arms are, the run folder itself for a seed read from the chapters)."""
     seeds = tuple(study_seeds(profile) if seeds is None else seeds)
     per_seed, shares = {}, {}
+    folders = {}
     for s in seeds:
-        per_seed[s] = train_seed(arm_configs(profile, s, run_dir, teacher, arch, data_root, device), threads)
+        configs = (chapter_arms(profile, s, run_dir, teacher, arch, data_root, device)
+                   or arm_configs(profile, s, run_dir, teacher, arch, data_root, device))
+        folders[s] = Path(configs["baseline"].out_dir).parent
+        per_seed[s] = train_seed(configs, threads)
         with pinned_threads(threads):
-            shares[s] = convnorm_shares(seed_dir(run_dir, s), images=convnorm_images, data_root=data_root)
+            shares[s] = convnorm_shares(folders[s], images=convnorm_images, data_root=data_root)
     results, notes = measure(per_seed, shares)
     miou = {arm: [100.0 * float(per_seed[s][arm]["miou"]) for s in seeds] for arm in ARMS}
     summary = {
         "profile": profile, "seeds": list(seeds), "threads": int(threads), "miou": miou,
+        "folders": {str(s): _relative(folders[s], run_dir) for s in seeds},
         "convnorm_share": {str(s): list(shares[s]) for s in seeds}, "notes": notes,
         "claims": [{"claim": r.claim, "unit": r.unit, "differences": list(r.differences), "mean": r.mean,
                     "lo": r.lo, "hi": r.hi, "method": r.method, "resolved": r.resolved,
                     "paper": r.paper} for r in results],
     }
     atomic_write_json(Path(run_dir) / "study" / "summary.json", strict_json(summary))
-    return {"results": results, "notes": notes, "miou": miou, "threads": int(threads), "seeds": seeds}
+    return {"results": results, "notes": notes, "miou": miou, "threads": int(threads), "seeds": seeds,
+            "folders": folders}
+
+
+def _relative(folder: Path, run_dir: str | Path) -> str:
+    try:
+        return str(folder.relative_to(Path(run_dir))) or "."
+    except ValueError:
+        return str(folder)
 
 
 def arm_table(miou: Mapping[str, Sequence[float]], seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -246,6 +276,6 @@ def conclusions(results: Sequence[PairedDifference]) -> list[str]:
 
 __all__ = [
     "STUDY_SEEDS", "STUDY_THREADS", "ARMS", "MIOU_CLAIMS", "CONVNORM_CLAIM", "SHARE_UNIT", "study_seeds",
-    "seed_dir", "arm_configs", "finished", "pinned_threads", "train_seed", "convnorm_shares", "measure",
+    "seed_dir", "arm_configs", "chapter_arms", "finished", "pinned_threads", "train_seed", "convnorm_shares", "measure",
     "run_study", "arm_table", "conclusions",
 ]

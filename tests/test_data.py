@@ -142,6 +142,43 @@ def test_loader_reads_trainids_prefers_labelids_and_maps_out_of_range_trainids_t
     assert stats["pixels_per_class"][0] == 12 and stats["pixels_per_class"][18] == 12
 
 
+def test_a_split_that_fits_is_decoded_once_and_a_rewritten_file_is_read_again(tmp_path, monkeypatch):
+    from fasterkd.data import cityscapes
+
+    monkeypatch.setattr(cityscapes, "DECODED", cityscapes._DecodedFrames())
+    rng = np.random.default_rng(1)
+    for stem in ("a_000001", "a_000002"):
+        _write_pair(tmp_path, "train", stem, rng.integers(0, 256, (6, 10, 3), dtype=np.uint8),
+                    np.ones((6, 10), np.uint8))
+    decoded = []
+    real = cityscapes.read_image
+    monkeypatch.setattr(cityscapes, "read_image", lambda path: decoded.append(Path(path).name) or real(path))
+    first = [build_dataset(tmp_path, "train")[i]["image"] for i in range(2)]
+    image, label = build_dataset(tmp_path, "train").load(0)  # another dataset of the split: no decoding
+    assert len(decoded) == 2 and np.array_equal(image, first[0].permute(1, 2, 0).numpy())
+    image[:] = 0
+    label[:] = 7  # the caller's copy: the cached frame is untouched
+    again = build_dataset(tmp_path, "train")[0]
+    assert torch.equal(again["image"], first[0]) and (again["label"] == 1).all() and len(decoded) == 2
+    rewritten = np.full((6, 10, 3), 9, np.uint8)
+    target = next((tmp_path / "leftImg8bit" / "train").rglob("a_000001_leftImg8bit.png"))
+    Image.fromarray(rewritten).save(target)
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    assert np.array_equal(build_dataset(tmp_path, "train").load(0)[0], rewritten) and len(decoded) == 3
+
+
+def test_a_split_larger_than_the_decode_budget_is_read_from_disk_every_time(tmp_path, monkeypatch):
+    from fasterkd.data import cityscapes
+
+    monkeypatch.setattr(cityscapes, "DECODED", cityscapes._DecodedFrames())
+    monkeypatch.setattr(cityscapes, "DECODE_CACHE_BYTES", 300)  # one 6x10 frame (240 bytes), not two
+    for stem in ("a_000001", "a_000002"):
+        _write_pair(tmp_path, "train", stem, np.zeros((6, 10, 3), np.uint8), np.ones((6, 10), np.uint8))
+    ds = build_dataset(tmp_path, "train")
+    ds.load(0), ds.load(1), ds.load(0)
+    assert cityscapes.DECODED.items == {} and ds._cached is False
+
+
 # ------------------------------------------------------------------------------ bad input
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import matplotlib
 
@@ -48,11 +49,11 @@ def test_seeds_are_fixed_per_profile_and_the_book_has_three():
 
 def test_teacher_presets_give_the_teacher_more_scenes_and_epochs_than_the_students():
     quick, study = preset("teacher", "quick"), preset("teacher", "study")
-    assert (quick.epochs, quick.data.synthetic_train, quick.optim.lr_decay, quick.eval_every) == (60, 96, 0.96, 4)
+    assert (quick.epochs, quick.data.synthetic_train, quick.optim.lr_decay, quick.eval_every) == (48, 96, 0.96, 8)
     assert study.epochs == 72 and study.data.synthetic_train == 96
     for stage in ("baseline", "tutor", "student", "head"):  # study: quick's student schedules and data
         q, s = preset(stage, "quick"), preset(stage, "study")
-        assert q.data.synthetic_train == 48
+        assert q.data.synthetic_train == 48 and q.epochs < quick.epochs
         assert _differing(q, s) == {"profile", "out_dir"}
 
 
@@ -186,3 +187,42 @@ def test_smoke_study_trains_every_arm_and_builds_the_forest_plot(tmp_path):
     third = sr.run_study("smoke", tmp_path, str(teacher.best), device="cpu", threads=1)
     assert (arm / "eval.json").is_file()
     assert [r.differences for r in third["results"]] == [r.differences for r in out["results"]]
+
+
+def _fake_finished(cfg) -> None:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    (out / "eval.json").write_text(json.dumps({"miou": 0.25}))
+    (out / "best.pt").write_bytes(b"")
+
+
+def test_the_default_seed_reads_the_chapters_runs_only_when_every_arm_matches(tmp_path, monkeypatch):
+    assert sr.chapter_arms("smoke", 12345, tmp_path, teacher="t.pt") is None  # no chapter runs yet
+    chapters = sr.arm_configs("smoke", 12345, tmp_path, teacher="t.pt", folder=tmp_path)
+    for cfg in chapters.values():
+        _fake_finished(cfg)
+    got = sr.chapter_arms("smoke", 12345, tmp_path, teacher="t.pt")
+    assert got is not None and all(c.out_dir == str(tmp_path / arm) for arm, c in got.items())
+    assert got["student_c1"].model.init == str(tmp_path / "baseline" / "best.pt")
+    assert sr.chapter_arms("smoke", 12346, tmp_path, teacher="t.pt") is None  # another seed: not these runs
+    # one chapter run trained otherwise: none of them is read, so no pair mixes the two folders
+    _fake_finished(preset("head", "smoke", out_dir=str(tmp_path / "head_bilinear"), seed=12345, head="bilinear",
+                          init=str(tmp_path / "baseline" / "best.pt"), epochs=3))
+    assert sr.chapter_arms("smoke", 12345, tmp_path, teacher="t.pt") is None
+    _fake_finished(chapters["head_bilinear"])
+
+    trained = {}
+
+    def fake_train_seed(configs, threads):
+        folders = {Path(c.out_dir).parent for c in configs.values()}
+        assert len(folders) == 1
+        trained[configs["baseline"].seed] = folders.pop()
+        return {arm: _eval(0.3 if arm == "student_c1" else 0.2, 0.1, 0.6) for arm in sr.ARMS}
+
+    monkeypatch.setattr(sr, "train_seed", fake_train_seed)
+    monkeypatch.setattr(sr, "convnorm_shares", lambda folder, **kw: (10.0, 5.0))
+    sr.run_study("smoke", tmp_path, "t.pt", device="cpu", threads=1)
+    assert trained == {12345: tmp_path, 12346: tmp_path / "study" / "12346"}
+    saved = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert saved["folders"] == {"12345": ".", "12346": "study/12346"}
