@@ -23,7 +23,7 @@ wall time grows with the load, CPU seconds / 2 threads estimate the wall time wi
 to itself.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/paper_scale.py [--only STAGE ...] [--timed K]
-        [--limit-gb G] [--out benchmarks/results/paper_scale.json]
+        [--limit-gb G] [--out benchmarks/results/paper_scale.json] [--update]
     .venv/bin/python benchmarks/paper_scale.py --table benchmarks/results/paper_scale.json
 
 The JSON is rewritten after every stage, so an interrupted rehearsal keeps the stages it ran.
@@ -233,10 +233,16 @@ class Stage:
         if self.stage == "search":
             from fasterkd.engine.search import Searcher, load_latency_table
 
+            from fasterkd.data.loaders import train_transform
+
             eng = Searcher(cfg)
             eng._build()
             eng.lut = load_latency_table(cfg, self.out, eng.device, True)
             self.data_a = self._seeded(Frames(self.paths["frames"], max(batch, 2), down))
+            # what Searcher._fit sets up before its epochs: the pretrain and search crops, the
+            # split's size (the epoch length; max_steps_per_epoch=1 caps it) and the log rows
+            eng.transforms = {False: self.data.transform, True: train_transform(cfg, cfg.search.crop)}
+            eng.split_images, eng._rows = CITYSCAPES_TRAIN, []
         else:
             from fasterkd.engine.trainer import Trainer
 
@@ -386,6 +392,8 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per stage")
     ap.add_argument("--work", default=None, help="folder for frames and guide checkpoints (default: a temp dir)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paper_scale.json"))
+    ap.add_argument("--update", action="store_true", help="keep the rows of an existing --out JSON: the rows "
+                    "run now replace their namesakes (the run is recorded under 'updates' with its machine record)")
     ap.add_argument("--table", metavar="JSON", help="print the Markdown table of a written JSON and exit")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -417,6 +425,12 @@ def main() -> int:
         "limit_bytes": limit, "timed_steps": args.timed,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "stages": [], "complete": False,
     }
+    if args.update and out.is_file():  # earlier rows stay; this run is one more entry of 'updates'
+        earlier = json.loads(out.read_text())
+        update = {k: record[k] for k in ("machine", "command", "started", "limit_bytes", "timed_steps")}
+        update["rows"] = [c[0] for c in cases]
+        record = dict(earlier, updates=[*earlier.get("updates", []), update], complete=False)
+        record["stages"] = [r for r in earlier["stages"] if r["name"] not in update["rows"]]
     m = record["machine"]
     print(f"machine: {m['cpu_model']}, {m['cpus_usable']}/{m['cpu_count']} CPUs, load {m['load_average']}, "
           f"torch {m['torch']}, limit {limit / 2**30:.1f} GiB", flush=True)
@@ -427,6 +441,8 @@ def main() -> int:
         r = dict(name=name, stage=stage, crop=list(crop), phase=phase, **run_case(spec, args.timeout))
         extrapolate(r)
         record["stages"].append(r)
+        order = [c[0] for c in CASES]
+        record["stages"].sort(key=lambda row: order.index(row["name"]) if row["name"] in order else len(order))
         atomic_write_json(out, record)  # an interrupted rehearsal keeps what it ran
         if r["status"] == "ok":
             print(f"{name:<20} batch {r['batch_run']:>2}/{r['paper_batch']:<2} {r['s_per_step']:8.1f} s/step  "
@@ -436,7 +452,7 @@ def main() -> int:
         else:
             print(f"{name:<20} {r['status']}: {r.get('error', '')[-400:]}", flush=True)
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    record["complete"] = True
+    record["complete"] = all(r.get("status") == "ok" for r in record["stages"]) and len(record["stages"]) == len(CASES)
     atomic_write_json(out, record)
     print(f"wrote {out}")
     return 0
