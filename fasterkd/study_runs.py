@@ -13,7 +13,8 @@ their initialisation and data order and differ in one knob):
 - claim 5: the per-class gain of c = 1 over c = 0 on thin and small against large classes.
 
 Every run of the study trains with ``torch.set_num_threads(threads)`` (results depend on the
-thread count), recorded in ``study/summary.json``. A run whose ``eval.json`` exists and whose saved
+thread count), recorded in ``study/summary.json``; seeds train side by side in separate processes
+(:func:`train_seeds`). A run whose ``eval.json`` exists and whose saved
 config is the one asked for is read back, not retrained. The chapters' own runs are the arms of
 the default seed (:func:`chapter_arms`) when all of them match: that seed is read, not trained
 twice (its arms then ran at the chapters' thread count, the same for both arms of every pair).
@@ -24,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -42,8 +44,11 @@ STUDY_SEEDS: Mapping[str, tuple[int, ...]] = {
     "study": tuple(range(12345, 12357)),
     "paper": (12345, 12346, 12347),
 }
-#: torch threads of every study run (both arms of a pair train with the same count)
-STUDY_THREADS = 2
+#: torch threads of every run the study trains (both arms of a pair train with the same count).
+#: One thread per run and the seeds in parallel processes: on the 2-core machine of the README two
+#: 1-thread quick student runs side by side took 22 s each, one 2-thread run 17 s (1.5x the
+#: throughput), and a result then does not depend on how many cores the machine has.
+STUDY_THREADS = 1
 #: the runs of one seed, in training order
 ARMS = ("baseline", "tutor", "student_c1", "student_c0", "student_scratch", "student_convnorm",
         "head_ps", "head_bilinear")
@@ -213,27 +218,61 @@ def measure(per_seed: Mapping[int, Mapping[str, Mapping[str, Any]]],
     return out, notes
 
 
+def study_workers(threads: int, device: str | torch.device = "auto") -> int:
+    """Seeds trained at once: as many ``threads``-thread processes as the CPU has cores (one on a
+    GPU, whose runs would share the card)."""
+    from fasterkd.utils import pick_device
+
+    if pick_device(device).type != "cpu":
+        return 1
+    return max(1, (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+               // max(1, int(threads)))
+
+
+def train_seeds(configs: Mapping[int, Mapping[str, TrainConfig]], threads: int = STUDY_THREADS,
+                workers: int = 1) -> dict[int, dict[str, dict[str, Any]]]:
+    """:func:`train_seed` of every seed of ``configs``, ``workers`` seeds at a time in fresh
+    processes (spawned: forking a process whose OpenMP threads already ran can hang). A seed
+    whose arms all finished is read back here, without a process."""
+    todo = [s for s, c in configs.items() if any(finished(cfg) is None for cfg in c.values())]
+    out = {s: train_seed(c, threads) for s, c in configs.items() if s not in todo}
+    if int(workers) <= 1 or len(todo) <= 1:
+        out.update({s: train_seed(configs[s], threads) for s in todo})
+    else:
+        import concurrent.futures
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(min(int(workers), len(todo)), mp_context=ctx) as pool:
+            futures = {s: pool.submit(train_seed, dict(configs[s]), threads) for s in todo}
+            out.update({s: f.result() for s, f in futures.items()})
+    return {s: out[s] for s in configs}
+
+
 def run_study(profile: str, run_dir: str | Path, teacher: str, arch: str | None = None, data_root: str = "",
               device: str = "auto", seeds: Sequence[int] | None = None, threads: int = STUDY_THREADS,
-              convnorm_images: int = 1) -> dict[str, Any]:
-    """Train every arm of every seed (:func:`train_seed`), measure the claims (:func:`measure`) and
-    write ``<run_dir>/study/summary.json``. Returns ``{"results", "notes", "miou", "threads", "seeds",
-    "folders"}`` (``miou[arm]``: the per-seed mIoU %, in seed order; ``folders[seed]``: where its
-    arms are, the run folder itself for a seed read from the chapters)."""
+              convnorm_images: int = 1, workers: int | None = None) -> dict[str, Any]:
+    """Train every arm of every seed (:func:`train_seeds`, ``workers`` seeds at a time, default
+    :func:`study_workers`), measure the claims (:func:`measure`) and write
+    ``<run_dir>/study/summary.json``. Returns ``{"results", "notes", "miou", "threads", "workers",
+    "seeds", "folders"}`` (``miou[arm]``: the per-seed mIoU %, in seed order; ``folders[seed]``:
+    where its arms are, the run folder itself for a seed read from the chapters)."""
     seeds = tuple(study_seeds(profile) if seeds is None else seeds)
-    per_seed, shares = {}, {}
-    folders = {}
+    workers = study_workers(threads, device) if workers is None else int(workers)
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    configs = {s: (chapter_arms(profile, s, run_dir, teacher, arch, data_root, device)
+                   or arm_configs(profile, s, run_dir, teacher, arch, data_root, device)) for s in seeds}
+    folders = {s: Path(c["baseline"].out_dir).parent for s, c in configs.items()}
+    per_seed = train_seeds(configs, threads, workers)
+    shares = {}
     for s in seeds:
-        configs = (chapter_arms(profile, s, run_dir, teacher, arch, data_root, device)
-                   or arm_configs(profile, s, run_dir, teacher, arch, data_root, device))
-        folders[s] = Path(configs["baseline"].out_dir).parent
-        per_seed[s] = train_seed(configs, threads)
         with pinned_threads(threads):
             shares[s] = convnorm_shares(folders[s], images=convnorm_images, data_root=data_root)
     results, notes = measure(per_seed, shares)
     miou = {arm: [100.0 * float(per_seed[s][arm]["miou"]) for s in seeds] for arm in ARMS}
     summary = {
-        "profile": profile, "seeds": list(seeds), "threads": int(threads), "miou": miou,
+        "profile": profile, "seeds": list(seeds), "threads": int(threads), "workers": workers, "miou": miou,
         "folders": {str(s): _relative(folders[s], run_dir) for s in seeds},
         "convnorm_share": {str(s): list(shares[s]) for s in seeds}, "notes": notes,
         "claims": [{"claim": r.claim, "unit": r.unit, "differences": list(r.differences), "mean": r.mean,
@@ -241,8 +280,8 @@ def run_study(profile: str, run_dir: str | Path, teacher: str, arch: str | None 
                     "paper": r.paper} for r in results],
     }
     atomic_write_json(Path(run_dir) / "study" / "summary.json", strict_json(summary))
-    return {"results": results, "notes": notes, "miou": miou, "threads": int(threads), "seeds": seeds,
-            "folders": folders}
+    return {"results": results, "notes": notes, "miou": miou, "threads": int(threads), "workers": workers,
+            "seeds": seeds, "folders": folders}
 
 
 def _relative(folder: Path, run_dir: str | Path) -> str:
@@ -276,6 +315,7 @@ def conclusions(results: Sequence[PairedDifference]) -> list[str]:
 
 __all__ = [
     "STUDY_SEEDS", "STUDY_THREADS", "ARMS", "MIOU_CLAIMS", "CONVNORM_CLAIM", "SHARE_UNIT", "study_seeds",
-    "seed_dir", "arm_configs", "chapter_arms", "finished", "pinned_threads", "train_seed", "convnorm_shares", "measure",
+    "seed_dir", "arm_configs", "chapter_arms", "finished", "pinned_threads", "train_seed", "train_seeds",
+    "study_workers", "convnorm_shares", "measure",
     "run_study", "arm_table", "conclusions",
 ]

@@ -157,10 +157,15 @@ def test_smoke_study_trains_every_arm_and_builds_the_forest_plot(tmp_path):
 
     teacher = run_stage(preset("teacher", "smoke", out_dir=str(tmp_path / "teacher"), device="cpu", progress=False))
     before = torch.get_num_threads()
-    out = sr.run_study("smoke", tmp_path, str(teacher.best), device="cpu", threads=1)
+    out = sr.run_study("smoke", tmp_path, str(teacher.best), device="cpu", threads=1, workers=2)
     assert torch.get_num_threads() == before
     seeds = sr.study_seeds("smoke")
-    assert out["threads"] == 1 and tuple(out["seeds"]) == seeds
+    assert out["threads"] == 1 and out["workers"] == 2 and tuple(out["seeds"]) == seeds
+    # a seed trained in a spawned worker equals the same seed trained in this process
+    here = sr.train_seed(sr.arm_configs("smoke", seeds[1], tmp_path, str(teacher.best), device="cpu",
+                                        folder=tmp_path / "in-process"), threads=1)
+    there = [json.loads((sr.seed_dir(tmp_path, seeds[1]) / a / "eval.json").read_text()) for a in sr.ARMS]
+    assert [here[a]["miou"] for a in sr.ARMS] == [e["miou"] for e in there]
     claims = [r.claim for r in out["results"]]
     assert claims[:5] == [c for c, _, _ in sr.MIOU_CLAIMS] + [sr.CONVNORM_CLAIM]
     assert any(c.startswith("FA c=1 - c=0: thin and small") for c in claims) or out["notes"]
@@ -222,7 +227,7 @@ def test_the_default_seed_reads_the_chapters_runs_only_when_every_arm_matches(tm
 
     monkeypatch.setattr(sr, "train_seed", fake_train_seed)
     monkeypatch.setattr(sr, "convnorm_shares", lambda folder, **kw: (10.0, 5.0))
-    sr.run_study("smoke", tmp_path, "t.pt", device="cpu", threads=1)
+    sr.run_study("smoke", tmp_path, "t.pt", device="cpu", threads=1, workers=1)
     assert trained == {12345: tmp_path, 12346: tmp_path / "study" / "12346"}
     saved = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert saved["folders"] == {"12345": ".", "12346": "study/12346"}

@@ -279,3 +279,24 @@ def test_eval_every_zero_keeps_the_last_epoch_as_best(tmp_path, tiny_arch):
     res = run_stage(smoke("baseline", tmp_path / "run", kd_weight=0.0, arch=tiny_arch, epochs=3, eval_every=0))
     assert read_checkpoint(res.best)["epoch"] == 3 == read_checkpoint(res.last)["epoch"]
     assert res.eval["checkpoint"] == str(res.best)
+
+
+def test_the_final_evaluation_is_the_best_epochs_own_and_equals_a_fresh_one(tmp_path, tiny_arch, monkeypatch):
+    # the best checkpoint's weights were evaluated at their epoch: the final evaluation reuses
+    # that result (one evaluation fewer per run) and it equals evaluating best.pt afresh
+    from fasterkd.engine import trainer
+    from fasterkd.inference import evaluate_checkpoint
+
+    calls = []
+    real = trainer.run_evaluation
+    monkeypatch.setattr(trainer, "run_evaluation", lambda *a: calls.append(1) or real(*a))
+    res = run_stage(smoke("baseline", tmp_path / "run", kd_weight=0.0, arch=tiny_arch, epochs=3, eval_every=1))
+    assert len(calls) == 3  # one per epoch, none repeated at the end
+    fresh = evaluate_checkpoint(res.best, device="cpu", backend="torch")
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["miou"] == fresh["miou"] and saved["iou"] == fresh["iou"]
+    assert saved["pixel_acc"] == fresh["pixel_acc"] and saved["checkpoint"] == str(res.best)
+    # an unscored run (eval_every=0) still evaluates its best checkpoint at the end
+    calls.clear()
+    res = run_stage(smoke("baseline", tmp_path / "r0", kd_weight=0.0, arch=tiny_arch, epochs=2, eval_every=0))
+    assert len(calls) == 1

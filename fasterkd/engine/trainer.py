@@ -263,10 +263,12 @@ class Trainer:
             start_run_folder(self.out, cfg, info)
             log = MetricsLog(self.out, info.main, cfg.tensorboard, rows)
             last, best_path = self.out / "last.pt", self.out / "best.pt"
+            best_eval = None  # the evaluation of the weights in best.pt, when this process made it
             for epoch in range(start, cfg.epochs):
                 self._best = best
                 row, step = self._train_epoch(train_set, epoch, step, log, last)
                 self.scheduler.step()
+                ev = None
                 if cfg.eval_every and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
                     ev = run_evaluation(self.ddp_model, val_loader, dev)
                     row.update(val_miou=ev["miou"], val_pixel_acc=ev["pixel_acc"])
@@ -277,6 +279,8 @@ class Trainer:
                 # eval_every=0 scores no epoch: the latest weights are then the best known ones
                 improved = score > best or not best_path.exists() or not cfg.eval_every
                 best = max(best, score)
+                if improved:
+                    best_eval = ev
                 if info.main:
                     save_epoch(self._state(epoch + 1, step, best, log.rows), last, best_path, improved)
                 barrier(info)
@@ -285,10 +289,11 @@ class Trainer:
             log.close()
             final: dict[str, Any] = {}
             if cfg.final_eval:
-                # the final full-resolution evaluation of the best checkpoint (spec §9.5)
+                # the final full-resolution evaluation of the best checkpoint (spec §9.5); when this
+                # process evaluated exactly those weights at their epoch, that evaluation is it
                 if best_path.exists():
                     unwrap(self.model).load_state_dict(read_checkpoint(best_path)["model"])
-                final = run_evaluation(self.ddp_model, val_loader, dev)
+                final = dict(best_eval) if best_eval is not None else run_evaluation(self.ddp_model, val_loader, dev)
                 final["checkpoint"] = str(best_path)
                 if info.main:
                     atomic_write_json(self.out / "eval.json", strict_json(final))
