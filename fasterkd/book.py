@@ -54,6 +54,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 #: the parameters every notebook may declare; the runner passes only those a notebook declares
 NOTEBOOK_PARAMETERS = ("profile", "run_dir", "data_root", "device")
 STATE_FILE = "book_state.json"
+#: generated beside the book's sources before each build: the introduction includes it
+STUDY_SUMMARY_PAGE = "study_summary.md"
 STATE_VERSION = 1
 KERNEL = "python3"
 #: cell tags hidden in the published pages
@@ -498,6 +500,10 @@ def run_book(
 
     if build:
         t0 = time.perf_counter()
+        from fasterkd.study_runs import write_summary_page
+
+        # the introduction includes this run's study verdicts (printed from its numbers, never typed)
+        write_summary_page(run_dir, book_dir / STUDY_SUMMARY_PAGE)
         result.html = build_book(book_dir, config=config, output_dir=output_dir,
                                  notebooks_dir=notebooks_dir, log=log)
         result.build_seconds = time.perf_counter() - t0

@@ -313,9 +313,42 @@ def conclusions(results: Sequence[PairedDifference]) -> list[str]:
     return lines
 
 
+def summary_markdown(summary: Mapping[str, Any] | None) -> str:
+    """What the study of one build supports, as Markdown for the book's introduction, from its
+    ``study/summary.json`` (None: the study has not run in this build)."""
+    if not summary:
+        return ("This build has not run chapter 11 (the embedded study): its verdicts appear here "
+                "once it has.\n")
+    seeds = summary.get("seeds", [])
+
+    def item(c: Mapping[str, Any]) -> str:
+        paper = "" if c.get("paper") is None else f" (the paper: {c['paper']:+.1f})"
+        return f"{c['claim']}: {c['mean']:+.2f} {c['unit']} [{c['lo']:+.2f}, {c['hi']:+.2f}]{paper}"
+
+    claims = summary.get("claims", [])
+    resolved = [item(c) for c in claims if c.get("resolved")]
+    open_ = [item(c) for c in claims if not c.get("resolved")]
+    lines = [f"In this build (profile `{summary.get('profile')}`, {len(seeds)} paired seeds, 95 % intervals "
+             f"of the mean paired difference, printed from `study/summary.json`):", ""]
+    lines.append("- **resolved** (the interval excludes zero): " + ("; ".join(resolved) if resolved else "none") + ".")
+    lines.append("- **the study cannot tell**: " + ("; ".join(open_) if open_ else "none") + ".")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary_page(run_dir: str | Path, dest: str | Path) -> Path:
+    """Write :func:`summary_markdown` of ``<run_dir>/study/summary.json`` to ``dest`` (the file the
+    book's introduction includes)."""
+    from fasterkd.utils import atomic_write_text
+
+    path = Path(run_dir) / "study" / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else None
+    atomic_write_text(Path(dest), summary_markdown(summary))
+    return Path(dest)
+
+
 __all__ = [
     "STUDY_SEEDS", "STUDY_THREADS", "ARMS", "MIOU_CLAIMS", "CONVNORM_CLAIM", "SHARE_UNIT", "study_seeds",
     "seed_dir", "arm_configs", "chapter_arms", "finished", "pinned_threads", "train_seed", "train_seeds",
     "study_workers", "convnorm_shares", "measure",
-    "run_study", "arm_table", "conclusions",
+    "run_study", "arm_table", "conclusions", "summary_markdown", "write_summary_page",
 ]

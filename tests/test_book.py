@@ -335,6 +335,11 @@ def test_every_notebook_runs_in_smoke_and_the_book_builds_with_W(smoke_book_resu
         assert not re.search(r"""src=["']https?://""", text), f"{page.name} loads a script from the network"
     intro = (html / "intro.html").read_text()
     assert "_static/mathjax/tex-mml-chtml.js" in intro
+    # the introduction prints this run's study verdicts (every claim, from study/summary.json)
+    summary = json.loads((r.run_dir / "study" / "summary.json").read_text())
+    assert "profile <code" in intro and "the study cannot tell" in intro
+    for c in summary["claims"]:
+        assert f"{c['mean']:+.2f}" in intro, c["claim"]
     # no page or stylesheet loads anything off the machine (scripts, styles, inline THEBE_JS_URL, ...)
     from test_faults_book import offsite_urls
 

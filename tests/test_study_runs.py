@@ -231,3 +231,16 @@ def test_the_default_seed_reads_the_chapters_runs_only_when_every_arm_matches(tm
     assert trained == {12345: tmp_path, 12346: tmp_path / "study" / "12346"}
     saved = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert saved["folders"] == {"12345": ".", "12346": "study/12346"}
+
+
+def test_summary_markdown_sorts_the_claims_by_their_intervals():
+    summary = {"profile": "quick", "seeds": [1, 2, 3], "claims": [
+        {"claim": "tutor - baseline", "unit": "points", "mean": 1.84, "lo": 0.03, "hi": 3.65, "resolved": True,
+         "paper": 1.5},
+        {"claim": "FA c=1 - c=0", "unit": "points", "mean": -0.07, "lo": -0.79, "hi": 0.65, "resolved": False,
+         "paper": None}]}
+    text = sr.summary_markdown(summary)
+    assert "profile `quick`, 3 paired seeds" in text
+    assert "- **resolved** (the interval excludes zero): tutor - baseline: +1.84 points [+0.03, +3.65] (the paper: +1.5)." in text
+    assert "- **the study cannot tell**: FA c=1 - c=0: -0.07 points [-0.79, +0.65]." in text
+    assert "has not run chapter 11" in sr.summary_markdown(None)
