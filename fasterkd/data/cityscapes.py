@@ -245,10 +245,6 @@ class _DecodedFrames:
             self.items[key] = (image, label)
             self.bytes += image.nbytes + label.nbytes
 
-    def clear(self) -> None:
-        self.items.clear()
-        self.bytes = 0
-
 
 DECODED = _DecodedFrames()
 
