@@ -461,3 +461,25 @@ def test_flop_counts():
     assert affinity.fa_flops("gram", n, c, c, q=2) < 0.05 * affinity.fa_flops("tiled", n, c, c, tile=256)
     with pytest.raises(ValueError, match="impl"):
         affinity.fa_flops("naive", n, c, c)
+
+
+def test_factored_student_affinity_equals_direct_form():
+    """The identity behind benchmarks/fa_factored.py: with B = U S (bilinear, align_corners=False),
+    B B^T = U (S S^T) U^T band by band, and U^T phi B = (Q + Q^T) S for symmetric phi."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "fa_factored.py"
+    spec = importlib.util.spec_from_file_location("fa_factored_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for band, pieces in ((4, 4), (3, 2), (16, 1)):
+        err = bench.check_exact(band, pieces)
+        assert err["forward_max_abs_err"] < 1e-12
+        assert err["backward_max_abs_err"] < 1e-10
+    # the check can fail: a wrong interpolation matrix is caught
+    p = bench.Problem((16, 32), 2, 8, 4, 4, dtype=torch.float64, seed=1)
+    p.Uw = bench.interp_matrix(p.W, p.w, torch.float64).roll(1, dims=0)
+    p.bw = bench.bands(p.Uw, 4)
+    got = p.factored_student(0, 4, p.S @ p.S.t())
+    assert (got - (p.B @ p.B.t())[: 4 * p.W]).abs().max() > 1e-3
