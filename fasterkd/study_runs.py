@@ -22,9 +22,11 @@ twice (its arms then ran at the chapters' thread count, the same for both arms o
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import math
+import multiprocessing
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -229,21 +231,52 @@ def study_workers(threads: int, device: str | torch.device = "auto") -> int:
                // max(1, int(threads)))
 
 
+#: seconds between a worker's checks that the process that started it is still there, and the
+#: grace it gives its own SIGTERM handling (the trainer stops at a step boundary) before it exits
+PARENT_POLL_S = 1.0
+PARENT_GRACE_S = 60.0
+
+
+def _stop_with_parent(parent: int) -> None:
+    """Pool initializer: a daemon thread that ends this worker when ``parent`` is gone.
+
+    A killed book (its kernel, or ``python -m fasterkd.book``) would otherwise leave its spawned
+    seed workers training on: they are separate processes, and nothing else tells them. The worker
+    sends itself SIGTERM (the trainer's stop request: it stops after the step, and every file it
+    writes is written atomically), then exits outright after :data:`PARENT_GRACE_S`.
+    """
+    import signal
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(PARENT_GRACE_S)
+        os._exit(143)
+
+    threading.Thread(target=watch, name="stop-with-parent", daemon=True).start()
+
+
+def seed_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """A ``ProcessPoolExecutor`` of ``workers`` spawned processes (forking a process whose OpenMP
+    threads already ran can hang) that end themselves when this process dies."""
+    return concurrent.futures.ProcessPoolExecutor(int(workers), mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=_stop_with_parent, initargs=(os.getpid(),))
+
+
 def train_seeds(configs: Mapping[int, Mapping[str, TrainConfig]], threads: int = STUDY_THREADS,
                 workers: int = 1) -> dict[int, dict[str, dict[str, Any]]]:
     """:func:`train_seed` of every seed of ``configs``, ``workers`` seeds at a time in fresh
-    processes (spawned: forking a process whose OpenMP threads already ran can hang). A seed
-    whose arms all finished is read back here, without a process."""
+    processes (:func:`seed_pool`). A seed whose arms all finished is read back here, without a
+    process."""
     todo = [s for s, c in configs.items() if any(finished(cfg) is None for cfg in c.values())]
     out = {s: train_seed(c, threads) for s, c in configs.items() if s not in todo}
     if int(workers) <= 1 or len(todo) <= 1:
         out.update({s: train_seed(configs[s], threads) for s in todo})
     else:
-        import concurrent.futures
-        import multiprocessing
-
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(min(int(workers), len(todo)), mp_context=ctx) as pool:
+        with seed_pool(min(int(workers), len(todo))) as pool:
             futures = {s: pool.submit(train_seed, dict(configs[s]), threads) for s in todo}
             out.update({s: f.result() for s, f in futures.items()})
     return {s: out[s] for s in configs}

@@ -244,3 +244,54 @@ def test_summary_markdown_sorts_the_claims_by_their_intervals():
     assert "- **resolved** (the interval excludes zero): tutor - baseline: +1.84 points [+0.03, +3.65] (the paper: +1.5)." in text
     assert "- **the study cannot tell**: FA c=1 - c=0: -0.07 points [-0.79, +0.65]." in text
     assert "has not run chapter 11" in sr.summary_markdown(None)
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_seed_workers_end_when_the_process_that_started_them_is_killed(tmp_path):
+    """A killed book must not leave its study workers training: SIGKILL the pool's owner, and its
+    spawned workers (busy in a long task) end within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from fasterkd import study_runs\n"
+        "if __name__ == '__main__':\n"  # spawned workers import this file again
+        "    pool = study_runs.seed_pool(2)\n"
+        "    futures = [pool.submit(time.sleep, 600) for _ in range(2)]\n"
+        "    print(*pool._processes, flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in owner.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(3.0)  # the workers import the package and start their watchers
+        assert all(_alive(p) for p in pids)
+        os.kill(owner.pid, signal.SIGKILL)
+        owner.wait(10)
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in pids), "seed workers outlived the process that started them"
+    finally:
+        owner.kill()
+        for p in pids if "pids" in locals() else []:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
