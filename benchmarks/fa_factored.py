@@ -20,7 +20,8 @@ map 64x128, N = 8192, C_t = C_s = 128, fp32), only the work that differs between
   (upper part, diagonal sub-block halved) mapped to n x n by the adjoint banded interpolation,
   then (Q + Q^T) S.
 Before timing it checks in float64 that the factored forms equal the direct ones. Rounds are
-interleaved; ratios are medians of per-round ratios.
+interleaved; ratios are medians of per-round ratios. The fused products' FLOP rates are reported
+as fractions of the fp32 ``torch.mm`` rate measured in the same process.
 
 Usage: ``OMP_NUM_THREADS=1 python benchmarks/fa_factored.py [--rounds R] [--band 4] [--pieces 4]
 [--out PATH]``.
@@ -238,6 +239,14 @@ def main() -> int:
                    "forward_interpolate/fused": ratio("forward_interpolate", "forward_fused"),
                    "backward_factored/fused": ratio("backward_factored", "backward_fused")},
     }
+    # the fused products' FLOP rates against the in-process mm: how much room the tiled kernel has
+    n, c = p.N, 128
+    flops = {"forward_fused": 2.0 * (n * n / 2 + n * TILE / 2) * 2 * c, "backward_fused": 2.0 * n * n * c}
+    mm = res["machine"]["mm_fp32_gflops"]
+    res["fused_gflops"] = {k: f / res["median_s"][k] / 1e9 for k, f in flops.items()}
+    res["fused_fraction_of_mm"] = {k: v / mm for k, v in res["fused_gflops"].items()} if mm else None
+    for k, v in res["fused_gflops"].items():
+        print(f"{k:28s} {v:.1f} GFLOP/s ({v / mm:.2f} of the in-process mm)" if mm else f"{k} {v:.1f} GFLOP/s")
     for k, v in res["ratios"].items():
         print(f"{k:28s} {v:.2f}")
     atomic_write_json(Path(args.out), res)
