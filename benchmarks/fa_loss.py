@@ -421,7 +421,7 @@ def q2_summary(cases: list[dict]) -> dict:
 
 CALIBRATION_PIXELS = (256, 1024, 2048, 4096, 8192)
 CALIBRATION_CHANNELS = (64, 256)  # C_t + C_s
-CALIBRATION_TILES = (256, 512, 1024)
+CALIBRATION_TILES = (256, 512, 768, 1024)
 
 
 def calibrate(device: torch.device, repeats: int, command: str) -> int:

@@ -20,9 +20,10 @@ and the batch loss is the mean over images. Four implementations give the same f
     dL/dB = -(2/N^2) phi B and, only when asked for (ConvNorm ablation), dL/dA = +(2/N^2) phi A.
     For q = 1 the forward keeps sign(D) as bits (N^2/16 bytes per image) and the backward only
     multiplies; q = 2 recomputes the blocks. The element-wise passes (abs, sum, sign bits) run
-    on each block right after its product, while it is still in cache; the default T = 512 (1 MiB
-    in fp32) beat T = 256 (256 KiB, fits the 512 KiB L2) on the development CPU, whose per-op
-    overhead then dominates. ``torch.sign(0) = 0``, the convention of autograd's ``abs``,
+    on each block right after its product, while it is still in cache; the default T = 768
+    (2.25 MiB in fp32) was the fastest tile at N >= 4096 on the development CPU, 2-11 % ahead of
+    T = 512 and 1024 (``affinity_calibration``), and smaller tiles (T = 256 fits its 512 KiB L2)
+    lose to per-block overhead. ``torch.sign(0) = 0``, the convention of autograd's ``abs``,
     is kept by a second bit plane for blocks with exact zeros (zero pixels on both sides).
 ``"gram"``
     q = 2 only, exact and O(B N C^2): sum_ij D_ij^2 = |A^T A|^2 - 2 |A^T B|^2 + |B^T B|^2.
@@ -53,7 +54,7 @@ INTERPS = ("affinity", "features")
 AUTO_REFERENCE_MAX_PIXELS = 1024
 # ``auto`` never picks the reference when its planning estimate exceeds this.
 AUTO_REFERENCE_MAX_BYTES = 1 << 30
-DEFAULT_TILE = 512
+DEFAULT_TILE = 768
 # ``auto`` keeps DEFAULT_TILE unless another tile was measured faster by more than this fraction.
 AUTO_TILE_TIE = 0.05
 
