@@ -483,3 +483,30 @@ def test_factored_student_affinity_equals_direct_form():
     p.bw = bench.bands(p.Uw, 4)
     got = p.factored_student(0, 4, p.S @ p.S.t())
     assert (got - (p.B @ p.B.t())[: 4 * p.W]).abs().max() > 1e-3
+
+
+def test_gram_of_an_upsampled_student_never_forms_its_rows(monkeypatch):
+    """q = 2 on a student below the teacher's size takes fa_gram_interpolated (under "gram" and
+    "auto"), equal to fa_gram on the upsampled rows; equal sizes and interp="features" do not."""
+    from fasterkd import losses
+
+    g = torch.Generator().manual_seed(31)
+    student = torch.randn(2, 6, 5, 7, dtype=F64, generator=g)
+    teacher = torch.randn(2, 4, 10, 14, dtype=F64, generator=g)
+    a, b = affinity.prepare_rows(student, teacher)
+    want = affinity.fa_gram(a, b, q=2)
+    got = affinity.fa_gram_interpolated(affinity.normalize_pixels(student), affinity.normalize_pixels(teacher))
+    assert abs(got.item() - want.item()) < 1e-14
+
+    def no_rows(*args, **kwargs):
+        raise AssertionError("the upsampled student rows were formed")
+
+    monkeypatch.setattr(losses, "prepare_rows", no_rows)
+    for impl in ("gram", "auto"):
+        assert abs(fa_loss(student, teacher, q=2, impl=impl).item() - want.item()) < 1e-14
+    with pytest.raises(AssertionError, match="rows were formed"):
+        fa_loss(student, teacher, q=2, impl="gram", interp="features")
+    with pytest.raises(AssertionError, match="rows were formed"):
+        fa_loss(teacher, teacher, q=2, impl="gram")
+    with pytest.raises(AssertionError, match="rows were formed"):
+        fa_loss(student, teacher, q=1, impl="auto")
