@@ -53,13 +53,18 @@ def interp_matrix(out_size: int, in_size: int, dtype: torch.dtype) -> torch.Tens
     return F.interpolate(eye, size=out_size, mode="linear", align_corners=False)[0].t().contiguous()
 
 
+def support(rows: torch.Tensor) -> tuple[int, int]:
+    """[u0, u1): the input columns that some of these rows of an interpolation matrix read."""
+    nz = rows.abs().sum(0).nonzero().flatten()
+    return int(nz[0]), int(nz[-1]) + 1
+
+
 def bands(u: torch.Tensor, pieces: int) -> list[tuple[int, int, int, int, torch.Tensor]]:
     """Split the rows of a banded (out, in) matrix into pieces, each with its input window."""
     out, res = u.shape[0], []
     for p in range(pieces):
         a, b = p * out // pieces, (p + 1) * out // pieces
-        nz = u[a:b].abs().sum(0).nonzero().flatten()
-        u0, u1 = int(nz[0]), int(nz[-1]) + 1
+        u0, u1 = support(u[a:b])
         res.append((a, b, u0, u1, u[a:b, u0:u1].contiguous()))
     return res
 
@@ -96,8 +101,7 @@ class Problem:
 
     def left(self, gram: torch.Tensor, a0: int, a1: int) -> torch.Tensor:
         """U_R (S S^T): the fine rows [a0, a1) of the row side, (rows * W, n)."""
-        cols = self.Uh[a0:a1].abs().sum(0).nonzero().flatten()
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        c0, c1 = support(self.Uh[a0:a1])
         rows = torch.matmul(self.Uh[a0:a1, c0:c1], gram.view(self.h, self.w * self.n)[c0:c1])
         rows = rows.view(a1 - a0, self.w, self.n)
         out = torch.empty(a1 - a0, self.W, self.n, dtype=gram.dtype)
@@ -164,8 +168,7 @@ class Problem:
         y = torch.zeros(a1 - a0, self.w, self.n, dtype=z.dtype)
         for a, b, u0, u1, m in self.bw:
             y[:, u0:u1] += torch.matmul(m.t(), x[:, a:b])
-        cols = self.Uh[a0:a1].abs().sum(0).nonzero().flatten()
-        c0, c1 = int(cols[0]), int(cols[-1]) + 1
+        c0, c1 = support(self.Uh[a0:a1])
         qv = q.view(self.h, self.w * self.n)
         qv[c0:c1] += self.Uh[a0:a1, c0:c1].t() @ y.view(a1 - a0, self.w * self.n)
 

@@ -28,6 +28,9 @@ import json
 import math
 import multiprocessing
 import os
+import signal
+import threading
+import time
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -245,9 +248,6 @@ def _stop_with_parent(parent: int) -> None:
     sends itself SIGTERM (the trainer's stop request: it stops after the step, and every file it
     writes is written atomically), then exits outright after :data:`PARENT_GRACE_S`.
     """
-    import signal
-    import threading
-    import time
 
     def watch() -> None:
         while os.getppid() == parent:

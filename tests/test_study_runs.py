@@ -277,6 +277,7 @@ def test_seed_workers_end_when_the_process_that_started_them_is_killed(tmp_path)
         "    time.sleep(600)\n"
     )
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    pids: list[int] = []
     try:
         pids = [int(p) for p in owner.stdout.readline().split()]
         assert len(pids) == 2
@@ -290,7 +291,7 @@ def test_seed_workers_end_when_the_process_that_started_them_is_killed(tmp_path)
         assert not any(_alive(p) for p in pids), "seed workers outlived the process that started them"
     finally:
         owner.kill()
-        for p in pids if "pids" in locals() else []:
+        for p in pids:
             try:
                 os.kill(p, signal.SIGKILL)
             except ProcessLookupError:
